@@ -1,0 +1,74 @@
+"""Boundary checks shared by every public op and module.
+
+Each failure raises TypeError (wrong type or dtype) or ValueError (wrong shape, device or value) and names
+the argument, the expected and the actual value.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence, Tuple
+
+import torch
+
+# float64 is accepted so the reference can serve as a float64 oracle; kernels accumulate in float32.
+FLOAT_DTYPES: Tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def tensor(
+    name: str,
+    value: object,
+    *,
+    ndim: Optional[int | Sequence[int]] = None,
+    dtypes: Optional[Iterable[torch.dtype]] = FLOAT_DTYPES,
+) -> torch.Tensor:
+    """Check that `value` is a tensor with an allowed rank and dtype; return it."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if value.dim() not in allowed:
+            want = allowed[0] if len(allowed) == 1 else f"one of {allowed}"
+            raise ValueError(f"{name}: expected {want} dimensions, got {value.dim()} (shape {tuple(value.shape)})")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if value.dtype not in dtypes:
+            raise TypeError(f"{name}: expected dtype in {dtypes}, got {value.dtype}")
+    return value
+
+
+def same_device(**tensors: Optional[torch.Tensor]) -> torch.device:
+    """Check that all given tensors (None skipped) live on one device; return it."""
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    first_name, first = items[0]
+    for k, v in items[1:]:
+        if v.device != first.device:
+            raise ValueError(f"{k}: expected device {first.device} (the device of {first_name}), got {v.device}")
+    return first.device
+
+
+def same_dtype(**tensors: Optional[torch.Tensor]) -> torch.dtype:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    first_name, first = items[0]
+    for k, v in items[1:]:
+        if v.dtype != first.dtype:
+            raise TypeError(f"{k}: expected dtype {first.dtype} (the dtype of {first_name}), got {v.dtype}")
+    return first.dtype
+
+
+def shape(name: str, value: torch.Tensor, expected: Sequence[Optional[int]]) -> None:
+    """Check a tensor's shape; None in `expected` matches any size."""
+    actual = tuple(value.shape)
+    if len(actual) != len(expected) or any(e is not None and a != e for a, e in zip(actual, expected)):
+        want = tuple("*" if e is None else e for e in expected)
+        raise ValueError(f"{name}: expected shape {want}, got {actual}")
+
+
+def positive_float(name: str, value: object) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name}: expected a positive number, got {value!r}")
+    return float(value)
+
+
+def one_of(name: str, value: object, allowed: Sequence[object]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}: expected one of {tuple(allowed)}, got {value!r}")

@@ -1,0 +1,1 @@
+"""One file per paper: a config and apply(model, cfg). Filled by the method issues."""

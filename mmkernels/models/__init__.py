@@ -1,0 +1,1 @@
+"""The thin model layer: LLaMA and its checkpoint loading."""

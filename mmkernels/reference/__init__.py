@@ -1,0 +1,1 @@
+"""Plain-PyTorch implementations: the executable spec, the CPU path and the test oracle."""

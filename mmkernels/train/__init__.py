@@ -1,0 +1,1 @@
+"""Trainer, data, checkpoints, memory features. Filled by the training-engine issue."""
