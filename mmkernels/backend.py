@@ -125,7 +125,17 @@ def availability(backend: str, op: str, device: torch.device) -> Tuple[bool, str
 
 
 def select(op: str, device: torch.device) -> str:
-    """The backend that runs `op` for tensors on `device`: the forced one, or the fastest available."""
+    """The backend that runs `op` for tensors on `device`: the forced one, or the fastest available.
+
+    Under torch.compile the choice is made once, when the function is traced, and baked into the graph
+    as a constant: `use_backend` around a call of an already compiled function does not re-dispatch.
+    """
+    return _select(op, device.type)
+
+
+@torch.compiler.assume_constant_result
+def _select(op: str, device_type: str) -> str:
+    device = torch.device(device_type)
     forced = forced_backend()
     if forced is not None:
         ok, why = availability(forced, op, device)
