@@ -1,0 +1,358 @@
+"""Triton flash attention, forward and backward, with GQA, a bottom-right-aligned causal mask and a
+left-padding mask (kv_start). Layout (batch, seq, heads, head_dim), any strides with a unit last stride.
+
+Forward (FlashAttention-2): one program per (query block, batch x query head) runs an online softmax over
+the key blocks it can see, in base 2 (log2(e) folded into the scale), and stores the output once together
+with the row log-sum-exp. The key loop is `_attn_fwd_segment`, which updates an (acc, m, l) state for one
+key/value segment: the gated prompt attention calls it a second time, on the prompt keys and values with a
+state of its own, to get the separately normalised prompt term.
+
+Backward: `_attn_bwd_preprocess` computes delta = rowsum(dO * O); `_attn_bwd_dkdv` runs one program per
+(key block, batch x kv head) and loops over the query heads of its GQA group and their query blocks, so
+dk and dv are reduced over the group in registers and written once (no atomics, no second pass);
+`_attn_bwd_dq` runs one program per (query block, batch x query head) over the key blocks.
+
+A query that sees no key keeps m = -inf and l = 0: its output is 0 and its lse is +inf, which makes every
+probability recomputed in the backward exp(s - inf) = 0.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+
+
+@triton.jit
+def _attn_fwd_segment(
+    acc, m_i, l_i, q,
+    K, V, stride_kn, stride_vn,
+    lo, hi, seq_k, kv_lo, row_pos,
+    qk_scale,
+    offs_d,
+    CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Online-softmax accumulation of q against keys [lo, hi) of one segment (K, V point at its row 0).
+
+    Key j is visible when kv_lo <= j < seq_k and, if CAUSAL, j <= row_pos (the query's absolute position).
+    Scores are in base-2 units: qk_scale includes log2(e).
+    """
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_seq = offs_n < seq_k
+        kt = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None], mask=in_seq[None, :], other=0.0)
+        qk = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        visible = in_seq[None, :] & (offs_n[None, :] >= kv_lo)
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= row_pos[:, None])
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # Rows with nothing visible yet keep m = -inf; shift them by 0 so no inf - inf appears.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE, KV_START,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    H, GROUP, seq_q, seq_k,
+    qk_scale,
+    CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    kvh = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_q
+    row_pos = offs_m + (seq_k - seq_q)
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    kv_lo = 0
+    if HAS_KV_START:
+        kv_lo = tl.load(KV_START + b).to(tl.int32)
+    lo = (kv_lo // BLOCK_N) * BLOCK_N
+    hi = seq_k
+    if CAUSAL:
+        hi = tl.minimum(seq_k, start_m + BLOCK_M + (seq_k - seq_q))
+
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc, m_i, l_i = _attn_fwd_segment(
+        acc, m_i, l_i, q,
+        K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh, stride_kt, stride_vt,
+        lo, hi, seq_k, kv_lo, row_pos, qk_scale, offs_d,
+        CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, PRECISION=PRECISION,
+    )
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("inf"))
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * seq_q + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_preprocess(
+    O, DO, DELTA,
+    stride_ob, stride_ot, stride_oh,
+    stride_dob, stride_dot, stride_doh,
+    H, seq_q,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_q
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * seq_q + offs_m, tl.sum(o * do, 1), mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, KV_START,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh,
+    H, H_KV, GROUP, seq_q, seq_k,
+    sm_scale,
+    CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    bkv = tl.program_id(1)
+    b = (bkv // H_KV).to(tl.int64)
+    kvh = bkv % H_KV
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < seq_k
+    kv_lo = 0
+    if HAS_KV_START:
+        kv_lo = tl.load(KV_START + b).to(tl.int32)
+    col_visible = col_ok & (offs_n >= kv_lo)
+
+    k = tl.load(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    lo = 0
+    if CAUSAL:
+        # Query t sees key j when t >= j - (seq_k - seq_q); earlier query blocks see none of this block.
+        first = tl.maximum(start_n - (seq_k - seq_q), 0)
+        lo = (first // BLOCK_M) * BLOCK_M
+    for g in range(0, GROUP):
+        h = kvh * GROUP + g
+        bh = b * H + h
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        for start_m in range(lo, seq_q, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < seq_q
+            q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None],
+                         other=0.0)
+            lse2 = tl.load(LSE + bh * seq_q + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(DELTA + bh * seq_q + offs_m, mask=row_ok, other=0.0)
+            # Transposed scores: rows are keys, columns are queries.
+            qkt = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+            visible = col_visible[:, None] & row_ok[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[:, None] <= (offs_m + (seq_k - seq_q))[None, :])
+            pt = tl.where(visible, tl.math.exp2(qkt - lse2[None, :]), 0.0)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+    dk = dk * sm_scale
+    tl.store(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, KV_START,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dqb, stride_dqt, stride_dqh,
+    H, GROUP, seq_q, seq_k,
+    sm_scale,
+    CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    kvh = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_q
+    row_pos = offs_m + (seq_k - seq_q)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * seq_q + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + bh.to(tl.int64) * seq_q + offs_m, mask=row_ok, other=0.0)
+    kv_lo = 0
+    if HAS_KV_START:
+        kv_lo = tl.load(KV_START + b).to(tl.int32)
+    lo = (kv_lo // BLOCK_N) * BLOCK_N
+    hi = seq_k
+    if CAUSAL:
+        hi = tl.minimum(seq_k, start_m + BLOCK_M + (seq_k - seq_q))
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    qk_scale = sm_scale * 1.4426950408889634
+    dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_seq = offs_n < seq_k
+        kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
+        vt = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
+        qk = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        visible = in_seq[None, :] & (offs_n[None, :] >= kv_lo) & row_ok[:, None]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= row_pos[:, None])
+        p = tl.where(visible, tl.math.exp2(qk - lse2[:, None]), 0.0)
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _config(head_dim: int, device: torch.device) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages).
+
+    On a GPU: FlashAttention-2-like tiles for Hopper/Ampere, not yet tuned by measurement on this code.
+    Under the interpreter: small tiles, so that small odd test shapes span several partial blocks.
+    """
+    if device.type != "cuda":
+        return 16, 16, 1, 1
+    if head_dim <= 64:
+        return 128, 64, 4, 3
+    return 128, 64, 8, 3
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get exact fp32 products (no TF32) so they agree with the float32 reference.
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def _strides3(t: torch.Tensor):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: Optional[torch.Tensor], causal: bool, scale: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out (B, T, H, D), lse (B, H, T) float32)."""
+    bsz, seq_q, heads, dim = q.shape
+    seq_k, heads_kv = k.shape[1], k.shape[2]
+    out = torch.empty((bsz, seq_q, heads, dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((bsz, heads, seq_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    block_m, block_n, warps, stages = _config(dim, q.device)
+    grid = (triton.cdiv(seq_q, block_m), bsz * heads)
+    _attn_fwd[grid](
+        q, k, v, out, lse, kv_start if kv_start is not None else lse,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
+        heads, heads // heads_kv, seq_q, seq_k,
+        scale * LOG2E,
+        CAUSAL=causal, HAS_KV_START=kv_start is not None,
+        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
+        num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+def attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kv_start: Optional[torch.Tensor],
+    causal: bool,
+    scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv) in the shapes and dtypes of q, k, v."""
+    bsz, seq_q, heads, dim = q.shape
+    seq_k, heads_kv = k.shape[1], k.shape[2]
+    dq = torch.empty((bsz, seq_q, heads, dim), dtype=q.dtype, device=q.device)
+    dk = torch.empty((bsz, seq_k, heads_kv, dim), dtype=k.dtype, device=k.device)
+    dv = torch.empty((bsz, seq_k, heads_kv, dim), dtype=v.dtype, device=v.device)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    block_m, block_n, warps, stages = _config(dim, q.device)
+    delta = torch.empty_like(lse)
+    _attn_bwd_preprocess[(triton.cdiv(seq_q, block_m), bsz * heads)](
+        out, dout, delta, *_strides3(out), *_strides3(dout), heads, seq_q,
+        HEAD_DIM=dim, BLOCK_M=block_m, num_warps=warps,
+    )
+    ks = kv_start if kv_start is not None else lse
+    common = dict(CAUSAL=causal, HAS_KV_START=kv_start is not None, HEAD_DIM=dim, PRECISION=_precision(q.dtype),
+                  num_warps=warps, num_stages=stages)
+    # The key-block kernel holds k, v, dk, dv for its block: smaller key tiles keep registers in check.
+    bwd_m, bwd_n = (block_m // 2, block_n) if q.device.type == "cuda" else (block_m, block_n)
+    _attn_bwd_dkdv[(triton.cdiv(seq_k, bwd_n), bsz * heads_kv)](
+        q, k, v, dout, lse, delta, dk, dv, ks,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dk), *_strides3(dv),
+        heads, heads_kv, heads // heads_kv, seq_q, seq_k, scale,
+        BLOCK_M=bwd_m, BLOCK_N=bwd_n, **common,
+    )
+    _attn_bwd_dq[(triton.cdiv(seq_q, bwd_n), bsz * heads)](
+        q, k, v, dout, lse, delta, dq, ks,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dq),
+        heads, heads // heads_kv, seq_q, seq_k, scale,
+        BLOCK_M=bwd_n, BLOCK_N=bwd_m, **common,
+    )
+    return dq, dk, dv
+
+
+def check_head_dim(dim: int) -> None:
+    if dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q: head dim {dim} is not supported by the triton attention kernel; "
+                         f"expected one of {SUPPORTED_HEAD_DIMS}")
+
+
