@@ -36,23 +36,23 @@ def tensor(
     return value
 
 
-def same_device(**tensors: Optional[torch.Tensor]) -> torch.device:
-    """Check that all given tensors (None skipped) live on one device; return it."""
+def _same(attr: str, error: type, tensors: dict):
     items = [(k, v) for k, v in tensors.items() if v is not None]
     first_name, first = items[0]
     for k, v in items[1:]:
-        if v.device != first.device:
-            raise ValueError(f"{k}: expected device {first.device} (the device of {first_name}), got {v.device}")
-    return first.device
+        if getattr(v, attr) != getattr(first, attr):
+            raise error(f"{k}: expected {attr} {getattr(first, attr)} (the {attr} of {first_name}), got {getattr(v, attr)}")
+    return getattr(first, attr)
+
+
+def same_device(**tensors: Optional[torch.Tensor]) -> torch.device:
+    """Check that all given tensors (None skipped) live on one device; return it."""
+    return _same("device", ValueError, tensors)
 
 
 def same_dtype(**tensors: Optional[torch.Tensor]) -> torch.dtype:
-    items = [(k, v) for k, v in tensors.items() if v is not None]
-    first_name, first = items[0]
-    for k, v in items[1:]:
-        if v.dtype != first.dtype:
-            raise TypeError(f"{k}: expected dtype {first.dtype} (the dtype of {first_name}), got {v.dtype}")
-    return first.dtype
+    """Check that all given tensors (None skipped) share one dtype; return it."""
+    return _same("dtype", TypeError, tensors)
 
 
 def shape(name: str, value: torch.Tensor, expected: Sequence[Optional[int]]) -> None:
