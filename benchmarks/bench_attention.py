@@ -13,8 +13,12 @@ GB/s is not reported (compute-bound op): gbps and pct_of_copy_bw are null.
 Providers: "mmkernels" is mmkernels.ops.attention; "eager" and "compile" run the reference, which
 materialises the (B, H, T, S) float32 score matrix (expect out-of-memory notes at long T); "sdpa" is
 torch.nn.functional.scaled_dot_product_attention under sdpa_kernel(SDPBackend.FLASH_ATTENTION) on
-(B, H, T, D) transposed views (no copies) with enable_gqa=True. SDPA's is_causal mask is top-left
-aligned, ours bottom-right; they agree only for T = S, so the sdpa provider requires T = S.
+(B, H, T, D) transposed views (no copies) with enable_gqa=True (torch >= 2.5). On an older torch without
+enable_gqa, k and v are repeated to H heads inside the timed call (repeat_interleave, as GQA models did
+before), which adds that copy to SDPA's time. The row's `backend` field says which: "flash" or
+"flash+repeat_kv".
+SDPA's is_causal mask is top-left aligned, ours bottom-right; they agree only for T = S, so the sdpa
+provider requires T = S.
 """
 
 from __future__ import annotations
@@ -59,6 +63,12 @@ def reference(q, k, v, causal):
     return ref.attention(q, k, v, causal)
 
 
+def sdpa_has_enable_gqa() -> bool:
+    """torch >= 2.5 has the enable_gqa argument (the builtin has no inspectable signature)."""
+    major, minor = (int(p) for p in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 5)
+
+
 def sdpa(shape, inputs):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
@@ -66,13 +76,25 @@ def sdpa(shape, inputs):
     if shape.get("S", shape["T"]) != shape["T"]:
         raise runner.Unavailable("SDPA's causal mask is top-left aligned: only T = S is comparable")
 
-    def fn(q, k, v, causal):
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True
-        )
-        return out.transpose(1, 2)
+    if sdpa_has_enable_gqa():
+        kind = "flash"
 
-    return runner.Resolved(fn, None, lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION))
+        def fn(q, k, v, causal):
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True
+            )
+            return out.transpose(1, 2)
+
+    else:
+        kind = "flash+repeat_kv"
+        rep = shape["H"] // shape["H_kv"]
+
+        def fn(q, k, v, causal):
+            k_, v_ = (t.transpose(1, 2).repeat_interleave(rep, dim=1) for t in (k, v))
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k_, v_, is_causal=causal)
+            return out.transpose(1, 2)
+
+    return runner.Resolved(fn, kind, lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION))
 
 
 def _shape(t=2048, d=128):

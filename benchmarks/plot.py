@@ -5,8 +5,9 @@
 
 Each figure has one column per mode (fwd, bwd, fwd+bwd) and two rows of bars, one bar per provider:
   top     ms p50, with error bars from p20 to p80;
-  bottom  % of the copy bandwidth measured in the same run (memory-bound ops), or TFLOP/s where the op
-          reports no bandwidth (attention).
+  bottom  % of the copy bandwidth measured in the same run (memory-bound ops: pct_of_copy_bw), or
+          where the op reports no bandwidth (attention) % of the bf16 matmul TFLOP/s measured in the same
+          run (pct_of_matmul_flops), each bar labelled with its TFLOP/s.
 When a key (GPU, op, shape, dtype, mode, provider, backend) appears several times, the last row in the
 file wins (rows are appended, so that is the latest run); --commit keeps only rows whose commit starts
 with the given prefix. The copy and matmul reference rows are quoted in the figure title.
@@ -40,8 +41,9 @@ def shape_key(shape: Dict[str, Any]) -> str:
 
 
 def provider_label(row: Dict[str, Any]) -> str:
-    if row.get("provider") == "mmkernels" and row.get("backend"):
-        return f"mmkernels[{row['backend']}]"
+    """'mmkernels[triton]', 'sdpa[flash]', 'eager'."""
+    if row.get("backend"):
+        return f"{row.get('provider')}[{row['backend']}]"
     return str(row.get("provider"))
 
 
@@ -95,11 +97,29 @@ def _title(key, refs) -> str:
     return "  |  ".join(parts)
 
 
+def bottom_metric(rows: Sequence[Dict[str, Any]]) -> Tuple[str, str]:
+    """The row field of the bottom bars, and its axis label: % of copy bandwidth when any row has it,
+    else % of matmul FLOP/s, else raw TFLOP/s (rows from a run without the matmul reference)."""
+    if any(r.get("pct_of_copy_bw") is not None for r in rows):
+        return "pct_of_copy_bw", "% of copy bandwidth"
+    if any(r.get("pct_of_matmul_flops") is not None for r in rows):
+        return "pct_of_matmul_flops", "% of bf16 matmul TFLOP/s"
+    return "tflops", "TFLOP/s"
+
+
+def _bar_text(metric: str, row: Dict[str, Any]) -> str:
+    v = row.get(metric)
+    if v is None:
+        return "n/a"
+    if metric == "pct_of_matmul_flops" and row.get("tflops") is not None:
+        return f"{v:.3g}%\n{row['tflops']:.3g} TF/s"
+    return f"{v:.3g}"
+
+
 def plot_figure(plt, key, by_mode: Dict[str, Dict[str, Dict[str, Any]]], refs, path: Path) -> None:
     modes = [m for m in MODE_ORDER if m in by_mode] + sorted(m for m in by_mode if m not in MODE_ORDER)
     all_rows = [r for m in modes for r in by_mode[m].values()]
-    use_pct = any(r.get("pct_of_copy_bw") is not None for r in all_rows)
-    metric, metric_label = ("pct_of_copy_bw", "% of copy bandwidth") if use_pct else ("tflops", "TFLOP/s")
+    metric, metric_label = bottom_metric(all_rows)
     fig, axes = plt.subplots(2, len(modes), figsize=(4.2 * len(modes), 7), squeeze=False)
     for col, mode in enumerate(modes):
         labels = sorted(by_mode[mode], key=_provider_rank)
@@ -110,6 +130,7 @@ def plot_figure(plt, key, by_mode: Dict[str, Dict[str, Dict[str, Any]]], refs, p
         ax = axes[0][col]
         bars = ax.bar(xs, p50, yerr=err, capsize=4, color=[f"C{i}" for i in xs])
         ax.bar_label(bars, labels=[f"{v:.3g}" for v in p50], fontsize=8)
+        ax.margins(y=0.15)  # room for the value labels
         ax.set_title(mode)
         ax.set_ylabel("ms (p50, p20-p80)")
         ax.set_xticks(xs, labels, rotation=30, ha="right", fontsize=8)
@@ -117,9 +138,10 @@ def plot_figure(plt, key, by_mode: Dict[str, Dict[str, Dict[str, Any]]], refs, p
         vals = [r.get(metric) for r in rows]
         shown = [v if v is not None else 0.0 for v in vals]
         bars2 = ax2.bar(xs, shown, color=[f"C{i}" for i in xs])
-        ax2.bar_label(bars2, labels=["n/a" if v is None else f"{v:.3g}" for v in vals], fontsize=8)
+        ax2.bar_label(bars2, labels=[_bar_text(metric, r) for r in rows], fontsize=8)
+        ax2.margins(y=0.2)
         ax2.set_ylabel(metric_label)
-        if use_pct:
+        if metric.startswith("pct_"):
             ax2.axhline(100.0, color="grey", linestyle="--", linewidth=1)
         ax2.set_xticks(xs, labels, rotation=30, ha="right", fontsize=8)
     fig.suptitle(_title(key, refs), fontsize=9)

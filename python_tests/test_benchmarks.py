@@ -39,7 +39,7 @@ def _cpu_env():
 def test_script_quick_on_cpu(op, tmp_path):
     if op == "attention" and not (REPO / "mmkernels" / "ops" / "attention.py").exists():
         pytest.skip("mmkernels/ops/attention.py does not exist yet")
-    out = tmp_path / "rows.jsonl"
+    out = tmp_path / "results"
     proc = subprocess.run(
         [sys.executable, str(BENCH / f"bench_{op}.py"), "--quick", "--out", str(out)],
         cwd=REPO, env=_cpu_env(), capture_output=True, text=True, timeout=120,
@@ -47,7 +47,7 @@ def test_script_quick_on_cpu(op, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert NO_GPU in proc.stdout
     assert "mmkernels[triton]" in proc.stdout  # the interpreter path was checked, not only the reference
-    assert not out.exists(), "no rows may be written without a GPU"
+    assert not out.exists(), "nothing may be written without a GPU"
 
 
 def test_cli_rejects_unknown_provider_and_mode():
@@ -71,11 +71,16 @@ def test_make_row_arithmetic():
     row = runner.make_row(
         op="x", provider="mmkernels", backend="triton", mode="fwd", shape={"n": 1}, dtype="bf16",
         ms=(2.0, 1.5, 2.5), flops=4e9, nbytes=3e9, copy_gbps=3000.0, peak_mem_mb=12.5, env=ENV,
+        matmul_tflops=8.0,
     )
     assert tuple(row) == runner.ROW_KEYS
+    schema = {"op", "provider", "mode", "shape", "dtype", "ms_p50", "ms_p20", "ms_p80", "tflops", "gbps",
+              "peak_mem_mb", "gpu", "torch", "triton", "commit"}  # the DESIGN.md schema
+    assert schema <= set(row)
     assert row["tflops"] == pytest.approx(2.0)  # 4e9 FLOP / 2 ms = 2e12 FLOP/s
     assert row["gbps"] == pytest.approx(1500.0)  # 3e9 B / 2 ms
     assert row["pct_of_copy_bw"] == pytest.approx(50.0)
+    assert row["pct_of_matmul_flops"] == pytest.approx(25.0)  # 2 of 8 TFLOP/s
     assert (row["ms_p50"], row["ms_p20"], row["ms_p80"]) == (2.0, 1.5, 2.5)
     assert row["commit"] == "abc1234" and row["gpu"] == "Test GPU"
 
@@ -84,6 +89,7 @@ def test_make_row_arithmetic():
         ms=(1.0, 1.0, 1.0), flops=None, nbytes=None, copy_gbps=3000.0, peak_mem_mb=None, env=ENV,
     )
     assert nulls["tflops"] is None and nulls["gbps"] is None and nulls["pct_of_copy_bw"] is None
+    assert nulls["pct_of_matmul_flops"] is None
     no_copy = runner.make_row(
         op="x", provider="eager", backend=None, mode="bwd", shape={}, dtype="bf16",
         ms=(1.0, 1.0, 1.0), flops=None, nbytes=1e9, copy_gbps=None, peak_mem_mb=None, env=ENV,
@@ -108,6 +114,12 @@ def test_append_rows_jsonl(tmp_path):
     assert [r["provider"] for r in rows] == ["eager", "compile", "mmkernels"]
     assert all(list(r) == list(runner.ROW_KEYS) for r in rows)
     assert runner.read_rows(path) == rows
+
+
+def test_results_path():
+    assert runner.results_path(None, "NVIDIA H100 80GB HBM3") == runner.RESULTS_DIR / "nvidia-h100-80gb-hbm3.jsonl"
+    assert runner.results_path("/tmp/r", "NVIDIA H100") == Path("/tmp/r/nvidia-h100.jsonl")
+    assert runner.results_path("/tmp/r/x.jsonl", "NVIDIA H100") == Path("/tmp/r/x.jsonl")
 
 
 def test_slug():
@@ -161,10 +173,11 @@ def test_work_formulas():
 
     m, n, e = 16384, 4096, 2
     r = bench_rms_norm.TARGET
-    assert bench_rms_norm.nbytes(r, "fwd", torch.bfloat16) == 2 * m * n * e + n * e
-    assert bench_rms_norm.nbytes(r, "bwd", torch.bfloat16) == 3 * m * n * e + 2 * n * e
+    assert bench_rms_norm.nbytes(r, "fwd", torch.bfloat16) == 2 * m * n * e + n * e + 4 * m  # + rstd
+    assert bench_rms_norm.nbytes(r, "bwd", torch.bfloat16) == 3 * m * n * e + 2 * n * e + 4 * m
     rr = dict(r, residual=True)
-    assert bench_rms_norm.nbytes(rr, "fwd+bwd", torch.float32) == (4 * m * n * 4 + n * 4) + (4 * m * n * 4 + 2 * n * 4)
+    assert bench_rms_norm.nbytes(rr, "fwd+bwd", torch.float32) == (
+        (4 * m * n * 4 + n * 4 + 4 * m) + (4 * m * n * 4 + 2 * n * 4 + 4 * m))
     assert bench_rms_norm.flops(r, "fwd") is None
 
     s = bench_swiglu.TARGET
@@ -198,6 +211,16 @@ def test_plot_grouping_last_row_wins():
     assert by_mode["fwd"]["mmkernels[triton]"]["ms_p50"] == 3.0  # the later row
 
 
+def test_plot_labels_and_metric():
+    row = dict(_rows_for_plot()[1])
+    assert plot.provider_label(row) == "mmkernels[triton]"
+    assert plot.provider_label(dict(row, provider="eager", backend=None)) == "eager"
+    assert plot.bottom_metric([row])[0] == "pct_of_copy_bw"
+    flops_row = dict(row, gbps=None, pct_of_copy_bw=None, tflops=2.0, pct_of_matmul_flops=40.0)
+    assert plot.bottom_metric([flops_row])[0] == "pct_of_matmul_flops"
+    assert plot.bottom_metric([dict(flops_row, pct_of_matmul_flops=None)])[0] == "tflops"
+
+
 def test_plot_script(tmp_path):
     runner.append_rows(tmp_path / "test-gpu.jsonl", _rows_for_plot())
     proc = subprocess.run([sys.executable, str(BENCH / "plot.py"), "--results", str(tmp_path)],
@@ -227,7 +250,7 @@ def test_timing_loop_plumbing_on_cpu(op, providers, tmp_path, monkeypatch, capsy
     mod = importlib.import_module(f"bench_{op}")
     calls = []
 
-    def fake_bench(fn, warmup, rep, grad_to_none=None):
+    def fake_bench(fn, *, warmup, rep, grad_to_none=None):
         fn()
         calls.append(grad_to_none)
         return [1.0, 0.5, 2.0]
@@ -238,20 +261,21 @@ def test_timing_loop_plumbing_on_cpu(op, providers, tmp_path, monkeypatch, capsy
 
     monkeypatch.setattr(runner, "HAS_CUDA", True)
     monkeypatch.setattr(runner, "DEVICE", "cpu")
-    monkeypatch.setattr(runner, "_do_bench", fake_bench)
+    monkeypatch.setattr(runner, "time_fn", fake_bench)
     monkeypatch.setattr(runner, "peak_memory_mb", fake_peak)
     monkeypatch.setattr(runner, "env_info", lambda: dict(ENV))
     monkeypatch.setattr(runner, "COPY_BYTES", 1 << 12)
     monkeypatch.setattr(runner, "MATMUL_MNK", (16, 16, 16))
     bench = dataclasses.replace(mod.BENCH, presets={"default": mod.BENCH.smoke_shapes[:1]})
-    out = tmp_path / "rows.jsonl"
-    rc = runner.main(bench, ["--out", str(out), "--providers", providers, "--quick"])
+    rc = runner.main(bench, ["--out", str(tmp_path), "--providers", providers, "--quick"])
     printed = capsys.readouterr().out
     assert rc == 0, printed
-    rows = runner.read_rows(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["test-gpu.jsonl"]  # <out>/<gpu-name-slug>.jsonl
+    rows = runner.read_rows(tmp_path / "test-gpu.jsonl")
     assert [r["op"] for r in rows[:2]] == ["copy", "matmul"]
     assert rows[0]["gbps"] == pytest.approx(2 * (1 << 12) / 1e-3 / 1e9)  # bytes read + written / 1 ms
     assert rows[1]["tflops"] == pytest.approx(2 * 16**3 / 1e-3 / 1e12)
+    assert rows[0]["pct_of_copy_bw"] == 100.0 and rows[1]["pct_of_matmul_flops"] == 100.0
     op_rows = rows[2:]
     expect = [p.partition(":")[0] for p in providers.split(",") if p != "liger"]
     assert [r["provider"] for r in op_rows] == [p for p in expect for _ in runner.MODES]
@@ -260,14 +284,40 @@ def test_timing_loop_plumbing_on_cpu(op, providers, tmp_path, monkeypatch, capsy
         assert list(r) == list(runner.ROW_KEYS)
         assert r["op"] == op and r["dtype"] == "bf16" and r["shape"] == bench.presets["default"][0]
         assert (r["ms_p50"], r["ms_p20"], r["ms_p80"]) == (1.0, 0.5, 2.0)
-        assert r["backend"] == ("reference" if r["provider"] == "mmkernels" else None)
+        assert r["backend"] == {"mmkernels": "reference", "sdpa": "flash"}.get(r["provider"])
         if r["gbps"] is not None:
             assert r["pct_of_copy_bw"] == pytest.approx(100 * r["gbps"] / rows[0]["gbps"])
         else:
-            assert r["tflops"] is not None
+            assert r["pct_of_matmul_flops"] == pytest.approx(100 * r["tflops"] / rows[1]["tflops"])
     if "liger" in providers:
         assert "note: provider liger skipped" in printed
     # bwd and fwd+bwd reset the input gradients before every timed call; fwd has none to reset.
     assert len(calls) == 2 + len(op_rows)
     for i, grad_to_none in enumerate(calls[2:]):
         assert (grad_to_none is None) == (runner.MODES[i % 3] == "fwd")
+
+
+def test_do_bench_accepts_the_runner_arguments():
+    """time_fn calls triton.testing.do_bench(fn, warmup=, rep=, grad_to_none=, quantiles=): the installed
+    triton must accept those (its signature has changed across releases)."""
+    import inspect
+
+    triton_testing = pytest.importorskip("triton.testing")
+    inspect.signature(triton_testing.do_bench).bind(
+        lambda: None, warmup=1, rep=1, grad_to_none=None, quantiles=runner.QUANTILES
+    )
+    assert runner.QUANTILES == [0.5, 0.2, 0.8]  # the order make_row reads them in: p50, p20, p80
+
+
+def test_compile_bwd_disables_donated_buffers():
+    """The bwd mode times backward(retain_graph=True), which AOTAutograd's donated buffers forbid."""
+    import torch._functorch.config as functorch_config
+
+    if not hasattr(functorch_config, "donated_buffer"):
+        pytest.skip("this torch has no donated buffers")
+    with runner._autograd_context("compile", "bwd"):
+        assert functorch_config.donated_buffer is False
+    for provider, mode in (("compile", "fwd+bwd"), ("eager", "bwd")):
+        before = functorch_config.donated_buffer
+        with runner._autograd_context(provider, mode):
+            assert functorch_config.donated_buffer == before
