@@ -1,0 +1,91 @@
+"""Batched generation with left padding, a KV cache, greedy or top-p sampling, and per-step streaming.
+
+Prompts of different lengths are left-padded to one length L. Sample b's real tokens start at
+kv_start[b] = L - len(prompt_b); its rotary positions count from 0 there, and ops.attention hides the
+padded keys. One prefill forward, then one token per step for the whole batch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability mass reaches top_p; -inf the rest.
+
+    logits: (B, V). The most likely token is always kept.
+    """
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p: expected a number in (0, 1], got {top_p}")
+    if top_p == 1:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    drop_sorted = mass_before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(top_p_filter(logits / temperature, top_p), dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_id: Optional[int] = None,
+    pad_id: int = 0,
+    seed: int = 0,
+    on_step: Optional[Callable[[List[Optional[int]]], None]] = None,
+) -> List[List[int]]:
+    """New tokens for each prompt (up to and including eos). on_step receives, after every step, the new
+    token of each sample, or None for samples that have finished."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts: expected a non-empty list of non-empty token lists")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature: expected a number >= 0, got {temperature}")
+    device = next(model.parameters()).device
+    bsz, width = len(prompts), max(len(p) for p in prompts)
+    starts = torch.tensor([width - len(p) for p in prompts], dtype=torch.int32, device=device)
+    ids = torch.full((bsz, width), pad_id, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+    positions = (torch.arange(width, device=device)[None, :] - starts[:, None].long()).clamp_min(0)
+
+    cache = model.new_kv_cache(bsz, width + max_new_tokens)
+    gen = torch.Generator().manual_seed(seed)
+    logits = model(ids, positions=positions, kv_cache=cache, kv_start=starts)[:, -1]
+    out: List[List[int]] = [[] for _ in range(bsz)]
+    done = [False] * bsz
+    next_pos = positions[:, -1:] + 1
+    for step in range(max_new_tokens):
+        tokens = _next_tokens(logits, temperature, top_p, gen)
+        emitted: List[Optional[int]] = []
+        for b in range(bsz):
+            if done[b]:
+                emitted.append(None)
+                continue
+            tok = int(tokens[b])
+            out[b].append(tok)
+            emitted.append(tok)
+            done[b] = eos_id is not None and tok == eos_id
+        if on_step is not None:
+            on_step(emitted)
+        if all(done) or step == max_new_tokens - 1:
+            break
+        logits = model(tokens[:, None], positions=next_pos, kv_cache=cache, kv_start=starts)[:, -1]
+        next_pos = next_pos + 1
+    return out

@@ -1,0 +1,138 @@
+"""A thin LLaMA on mmkernels.ops: readable, one module per concept, an explicit KV cache.
+
+Parameter names are the HF names without the leading "model." so HF checkpoints load by name.
+Attention and the MLP run through the fused ops (rope, attention, swiglu), the norms through rms_norm with
+the residual add fused into it: the residual stream h is carried from one norm to the next.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from mmkernels import ops
+from mmkernels.models.config import LlamaConfig
+from mmkernels.models.kv_cache import KVCache
+from mmkernels.nn import RMSNorm
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, layer: int, kv_cache: Optional[KVCache], kv_start: Optional[torch.Tensor]):
+        bsz, seq, _ = x.shape
+        q = self.q_proj(x).view(bsz, seq, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(bsz, seq, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(bsz, seq, self.n_kv_heads, self.head_dim)
+        q, k = ops.rope(q, k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)
+        out = ops.attention(q, k, v, causal=True, kv_start=kv_start)
+        return self.o_proj(out.reshape(bsz, seq, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, residual, cos, sin, kv_cache, kv_start):
+        """x: the previous sublayer's output (not yet added); residual: the stream before it (or None).
+        Returns this block's MLP output and the stream before it, for the next fused add + norm."""
+        if residual is None:
+            h, normed = x, self.input_layernorm(x)
+        else:
+            normed, h = self.input_layernorm(x, residual)
+        attn = self.self_attn(normed, cos, sin, self.layer, kv_cache, kv_start)
+        normed, h = self.post_attention_layernorm(attn, h)
+        return self.mlp(normed), h
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # Not a buffer: model.to(bfloat16) must not round the rotary frequencies.
+        with torch.device("cpu"):  # also when the model is built on the meta device for loading
+            self._inv_freq = ops.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        positions: Optional[torch.Tensor] = None,
+        kv_cache: Optional[KVCache] = None,
+        kv_start: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> float32 logits (B, T, vocab).
+
+        positions (T,) or (B, T): rotary positions (default: continuing after the cache's length).
+        kv_cache: keys/values of earlier positions; this call appends T positions to it.
+        kv_start (B,): cache index of each sample's first real token (left padding is masked).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected shape (B, T), got {tuple(input_ids.shape)}")
+        seq = input_ids.shape[1]
+        past = kv_cache.length if kv_cache is not None else 0
+        if positions is None:
+            positions = torch.arange(past, past + seq, device=input_ids.device)
+        if self._inv_freq.device != input_ids.device:
+            self._inv_freq = self._inv_freq.to(input_ids.device)
+        cos, sin = ops.rope_cos_sin(positions, self._inv_freq)
+        x, residual = self.embed_tokens(input_ids), None
+        for block in self.layers:
+            x, residual = block(x, residual, cos, sin, kv_cache, kv_start)
+        if kv_cache is not None:
+            kv_cache.advance(seq)
+        x, _ = self.norm(x, residual)
+        return self.lm_head(x).float()
+
+    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
+        p = self.embed_tokens.weight
+        c = self.config
+        return KVCache(c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim, p.dtype, p.device)
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: Optional[torch.dtype] = None, device=None) -> "Llama":
+        from mmkernels.models.loading import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str) -> None:
+        from mmkernels.models.loading import save_pretrained
+
+        save_pretrained(self, path)
+
+    def generate(self, prompts, **kwargs):
+        from mmkernels.models.generation import generate
+
+        return generate(self, prompts, **kwargs)

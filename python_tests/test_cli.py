@@ -1,0 +1,49 @@
+import subprocess
+import sys
+
+import pytest
+
+from mmkernels import cli
+
+
+def _run(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "mmkernels.cli", *args], capture_output=True, text=True,
+                          input=stdin, timeout=300)
+
+
+def test_info_reports_every_op_and_backend(capsys):
+    assert cli.main(["info", "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "triton" in out and "_C" in out
+    for op in ("rms_norm", "rope", "swiglu", "attention"):
+        assert f"  {op}" in out
+    assert "reference" in out
+
+
+def test_generate_embedded_default_runs():
+    res = _run("generate", "--max-new-tokens", "4")
+    assert res.returncode == 0, res.stderr
+    assert "3 prompts, 12 new tokens" in res.stderr
+    assert res.stdout.count("->") == 3
+
+
+def test_generate_reads_prompts_from_stdin_and_is_deterministic():
+    first = _run("generate", "--prompts-file", "-", "--max-new-tokens", "5", "--no-stream", stdin="hello\nworld\n")
+    second = _run("generate", "--prompts-file", "-", "--max-new-tokens", "5", "--no-stream", stdin="hello\nworld\n")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout and first.stdout.count("->") == 2
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--max-new-tokens", "0", "--max-new-tokens: expected a positive integer"),
+    ("--top-p", "1.5", "--top-p: expected a number in (0, 1]"),
+    ("--temperature", "-1", "--temperature: expected a number >= 0"),
+])
+def test_generate_bad_arguments(flag, value, message):
+    res = _run("generate", flag, value)
+    assert res.returncode != 0 and message in res.stderr
+
+
+def test_bench_unknown_op():
+    res = _run("bench", "no_such_op")
+    assert res.returncode == 2 and "no benchmark 'no_such_op'" in res.stderr
