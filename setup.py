@@ -57,8 +57,9 @@ def _cuda_extension_plan():
         name="mmkernels._C",
         sources=sources,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", *arch_flags],
+            # The C++ standard is left to torch's BuildExtension, which matches the torch headers.
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "--use_fast_math", "-lineinfo", *arch_flags],
         },
     )
     _say(f"building the CUDA extension mmkernels._C from {len(sources)} sources")

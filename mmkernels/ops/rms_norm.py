@@ -121,6 +121,18 @@ rms_norm_fwd.register_autograd(_backward_rms_norm, setup_context=_setup_rms_norm
 add_rms_norm_fwd.register_autograd(_backward_add_rms_norm, setup_context=_setup_add_rms_norm)
 
 
+_CUDA_MAX_ROW = 8192  # elements per row of the csrc kernel; x 16 bytes / element size when vectorisable
+
+
+def _cuda_kernel_serves(x: Tensor, weight: Tensor) -> bool:
+    """The shapes and dtypes csrc/rms_norm.cu takes (it keeps a row in registers)."""
+    n = x.shape[-1]
+    if x.dtype == torch.float64 or weight.dtype not in (x.dtype, torch.float32):
+        return False
+    vec = 16 // x.element_size()
+    return 0 < n <= _CUDA_MAX_ROW * (vec if n % vec == 0 else 1)
+
+
 def _rows(t: Tensor, n: int) -> Tensor:
     t2 = t.reshape(-1, n)
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
@@ -132,7 +144,9 @@ def rms_norm(
     """RMSNorm over the last dim. x: (..., N), weight: (N,). Returns y, or (y, h) with h = x + residual.
 
     The statistics are computed in float32 and y is returned in x's dtype. Gradients flow to x, weight
-    and residual. With `residual`, the sum h is returned for the next residual connection, so a
+    and residual. The CUDA kernel takes rows of up to 8192 elements (65536 for 16-bit dtypes when the row
+    length is a multiple of 8) and a weight in x's dtype or float32; the automatic backend choice uses the
+    Triton kernel otherwise, while a forced `cuda` backend raises. With `residual`, the sum h is returned for the next residual connection, so a
     transformer block needs no separate add kernel.
     """
     _checks.tensor("x", x, ndim=range(1, 9))
@@ -149,6 +163,8 @@ def rms_norm(
     _checks.same_device(x=x, weight=weight, residual=residual)
 
     impl = backend.select(OP, x.device)
+    if impl == "cuda" and backend.forced_backend() is None and not _cuda_kernel_serves(x, weight):
+        impl = "triton"  # documented rule: the automatic choice skips a kernel that cannot take the shape
     x2 = _rows(x, n)
     if residual is None:
         y, _ = rms_norm_fwd(x2, weight, float(eps), impl)
