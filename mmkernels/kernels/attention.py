@@ -64,6 +64,20 @@ def _attn_fwd_segment(
 
 
 @triton.jit
+def _key_range(KV_START, b, start_m, seq_q, seq_k,
+               CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(kv_lo, lo, hi): the first visible key of sample b, and the key-block range a query block scans."""
+    kv_lo = 0
+    if HAS_KV_START:
+        kv_lo = tl.load(KV_START + b).to(tl.int32)
+    lo = (kv_lo // BLOCK_N) * BLOCK_N
+    hi = seq_k
+    if CAUSAL:
+        hi = tl.minimum(seq_k, start_m + BLOCK_M + (seq_k - seq_q))
+    return kv_lo, lo, hi
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, KV_START,
     stride_qb, stride_qt, stride_qh,
@@ -87,13 +101,7 @@ def _attn_fwd(
 
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    kv_lo = 0
-    if HAS_KV_START:
-        kv_lo = tl.load(KV_START + b).to(tl.int32)
-    lo = (kv_lo // BLOCK_N) * BLOCK_N
-    hi = seq_k
-    if CAUSAL:
-        hi = tl.minimum(seq_k, start_m + BLOCK_M + (seq_k - seq_q))
+    kv_lo, lo, hi = _key_range(KV_START, b, start_m, seq_q, seq_k, CAUSAL, HAS_KV_START, BLOCK_M, BLOCK_N)
 
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -230,13 +238,7 @@ def _attn_bwd_dq(
                  mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(LSE + bh.to(tl.int64) * seq_q + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + bh.to(tl.int64) * seq_q + offs_m, mask=row_ok, other=0.0)
-    kv_lo = 0
-    if HAS_KV_START:
-        kv_lo = tl.load(KV_START + b).to(tl.int32)
-    lo = (kv_lo // BLOCK_N) * BLOCK_N
-    hi = seq_k
-    if CAUSAL:
-        hi = tl.minimum(seq_k, start_m + BLOCK_M + (seq_k - seq_q))
+    kv_lo, lo, hi = _key_range(KV_START, b, start_m, seq_q, seq_k, CAUSAL, HAS_KV_START, BLOCK_M, BLOCK_N)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     qk_scale = sm_scale * 1.4426950408889634
