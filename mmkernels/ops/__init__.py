@@ -2,8 +2,9 @@
 dispatch (see mmkernels.backend)."""
 
 from mmkernels.ops.attention import attention
+from mmkernels.ops.gated_attention import gated_prompt_attention
 from mmkernels.ops.rms_norm import rms_norm
 from mmkernels.ops.rope import rope, rope_cos_sin, rope_inv_freq
 from mmkernels.ops.swiglu import swiglu
 
-__all__ = ["attention", "rms_norm", "rope", "rope_cos_sin", "rope_inv_freq", "swiglu"]
+__all__ = ["attention", "gated_prompt_attention", "rms_norm", "rope", "rope_cos_sin", "rope_inv_freq", "swiglu"]

@@ -80,16 +80,8 @@ def _unit_last(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    causal: bool = True,
-    scale: Optional[float] = None,
-    kv_start: Optional[Tensor] = None,
-) -> Tensor:
-    """Flash attention over (B, T, H, D) queries and (B, S, H_kv, D) keys/values; returns (B, T, H, D)."""
+def _validate_attention(q, k, v, causal, scale, kv_start) -> float:
+    """Boundary checks shared by the attention ops; returns the softmax scale."""
     _checks.tensor("q", q, ndim=4)
     _checks.tensor("k", k, ndim=4)
     _checks.tensor("v", v, ndim=4)
@@ -112,12 +104,26 @@ def attention(
     if scale is None:
         scale = 1.0 / math.sqrt(dim)
     _checks.positive_float("scale", scale)
+    return scale
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    kv_start: Optional[Tensor] = None,
+) -> Tensor:
+    """Flash attention over (B, T, H, D) queries and (B, S, H_kv, D) keys/values; returns (B, T, H, D)."""
+    scale = _validate_attention(q, k, v, causal, scale, kv_start)
 
     impl = backend.select(OP, q.device)
     if impl == "triton":
         from mmkernels.kernels.attention import check_head_dim
 
-        check_head_dim(dim)
+        check_head_dim(q.shape[-1])
         if kv_start is not None:
             kv_start = kv_start.to(torch.int32)
     out, _ = attention_fwd(_unit_last(q), _unit_last(k), _unit_last(v), kv_start, bool(causal), float(scale), impl)

@@ -1,0 +1,243 @@
+"""Triton gated prompt attention: out = attn_main + g_h * attn_prompt, each with its own softmax.
+
+Forward: ONE kernel. Each program (query block, batch x head) runs the main-segment online softmax and,
+with a state of its own, the prompt segment (`_attn_fwd_segment` twice), adds g_h times the normalised
+prompt term and writes the output once, with both row log-sum-exps.
+
+Backward: `_gated_bwd_preprocess` recomputes the prompt term from its lse (the prompt is short: one key
+tile) and writes, per query row, delta_main =
+rowsum(dO * O_main), delta_prompt = g rowsum(dO * O_prompt) and rowsum(dO * O_prompt) (for the gate
+gradient). Then the plain attention backward kernels run once per segment: the main segment with dO, the
+prompt segment (no mask) with g dO. A shared prompt (batch 1) is read with batch stride 0 and its
+gradients summed over the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from mmkernels.kernels.attention import (
+    LOG2E,
+    _attn_bwd_dkdv,
+    _attn_bwd_dq,
+    _attn_fwd_segment,
+    _config,
+    _key_range,
+    _precision,
+    _strides3,
+)
+
+
+@triton.jit
+def _gate(G, h, GATE_STRIDE, GATE_TANH: tl.constexpr):
+    g = tl.load(G + h * GATE_STRIDE).to(tl.float32)
+    if GATE_TANH:
+        g = 2.0 * tl.sigmoid(2.0 * g) - 1.0
+    return g
+
+
+@triton.jit
+def _gated_attn_fwd(
+    Q, K, V, PK, PV, G, O, O_MAIN, LSE, LSE_P, KV_START,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_pkb, stride_pkt, stride_pkh,
+    stride_pvb, stride_pvt, stride_pvh,
+    stride_ob, stride_ot, stride_oh,
+    H, GROUP, seq_q, seq_k, seq_p, GATE_STRIDE,
+    qk_scale,
+    CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, GATE_TANH: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    kvh = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_q
+    row_pos = offs_m + (seq_k - seq_q)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    kv_lo, lo, hi = _key_range(KV_START, b, start_m, seq_q, seq_k, CAUSAL, HAS_KV_START, BLOCK_M, BLOCK_N)
+
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc, m_i, l_i = _attn_fwd_segment(
+        acc, m_i, l_i, q,
+        K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh, stride_kt, stride_vt,
+        lo, hi, seq_k, kv_lo, row_pos, qk_scale, offs_d,
+        CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, PRECISION=PRECISION,
+    )
+    acc_p = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    m_p = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_p = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc_p, m_p, l_p = _attn_fwd_segment(
+        acc_p, m_p, l_p, q,
+        PK + b * stride_pkb + kvh * stride_pkh, PV + b * stride_pvb + kvh * stride_pvh, stride_pkt, stride_pvt,
+        0, seq_p, seq_p, 0, row_pos, qk_scale, offs_d,
+        CAUSAL=False, BLOCK_N=BLOCK_P, PRECISION=PRECISION,
+    )
+    g = _gate(G, h, GATE_STRIDE, GATE_TANH)
+    seen = l_i > 0.0
+    out_main = acc / tl.where(seen, l_i, 1.0)[:, None]
+    out = out_main + g * (acc_p / l_p[:, None])
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("inf"))
+    lse_p = (m_p + tl.math.log2(l_p)) / 1.4426950408889634
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    # The main term alone is what the main segment's backward needs (delta = rowsum(dO * O_main));
+    # recovering it as out - g * O_prompt from the rounded output would cost precision.
+    tl.store(O_MAIN + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+             out_main.to(O_MAIN.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * seq_q + offs_m, lse, mask=row_ok)
+    tl.store(LSE_P + bh.to(tl.int64) * seq_q + offs_m, lse_p, mask=row_ok)
+
+
+@triton.jit
+def _gated_bwd_preprocess(
+    Q, PK, PV, G, O_MAIN, DO, LSE_P, DELTA, DELTA_P, DGATE_ROWS,
+    stride_qb, stride_qt, stride_qh,
+    stride_pkb, stride_pkt, stride_pkh,
+    stride_pvb, stride_pvt, stride_pvh,
+    stride_ob, stride_ot, stride_oh,
+    stride_dob, stride_dot, stride_doh,
+    H, GROUP, seq_q, seq_p, GATE_STRIDE,
+    sm_scale,
+    GATE_TANH: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    kvh = h // GROUP
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_p = tl.arange(0, BLOCK_P)
+    row_ok = offs_m < seq_q
+    p_ok = offs_p < seq_p
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    pkt = tl.load(PK + b * stride_pkb + kvh * stride_pkh + offs_p[None, :] * stride_pkt + offs_d[:, None],
+                  mask=p_ok[None, :], other=0.0)
+    pv = tl.load(PV + b * stride_pvb + kvh * stride_pvh + offs_p[:, None] * stride_pvt + offs_d[None, :],
+                 mask=p_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE_P + bh.to(tl.int64) * seq_q + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    s = tl.dot(q, pkt, input_precision=PRECISION) * (sm_scale * 1.4426950408889634)
+    p = tl.where(p_ok[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)
+    o_p = tl.dot(p.to(pv.dtype), pv, input_precision=PRECISION)
+    g = _gate(G, h, GATE_STRIDE, GATE_TANH)
+    o = tl.load(O_MAIN + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0).to(tl.float32)
+    dot_p = tl.sum(do * o_p, 1)
+    rows = bh.to(tl.int64) * seq_q + offs_m
+    tl.store(DELTA + rows, tl.sum(do * o, 1), mask=row_ok)
+    tl.store(DELTA_P + rows, g * dot_p, mask=row_ok)
+    tl.store(DGATE_ROWS + rows, dot_p, mask=row_ok)
+
+
+def _prompt_block(seq_p: int) -> int:
+    return max(16, triton.next_power_of_2(seq_p))
+
+
+def _batch_strides(t: torch.Tensor, bsz: int):
+    """Strides of a (1 or B, L, H, D) tensor read by B programs: batch stride 0 when shared."""
+    return (0 if t.shape[0] == 1 and bsz > 1 else t.stride(0)), t.stride(1), t.stride(2)
+
+
+def gated_attention_fwd(
+    q, k, v, prompt_k, prompt_v, gate, kv_start: Optional[torch.Tensor], causal: bool, scale: float, gate_tanh: bool
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out (B, T, H, D), out_main (the main term alone), lse (B, H, T), lse_prompt (B, H, T))."""
+    bsz, seq_q, heads, dim = q.shape
+    seq_k, heads_kv = k.shape[1], k.shape[2]
+    seq_p = prompt_k.shape[1]
+    out = torch.empty((bsz, seq_q, heads, dim), dtype=q.dtype, device=q.device)
+    out_main = torch.empty_like(out)
+    lse = torch.empty((bsz, heads, seq_q), dtype=torch.float32, device=q.device)
+    lse_p = torch.empty_like(lse)
+    if out.numel() == 0:
+        return out, out_main, lse, lse_p
+    block_m, block_n, warps, stages = _config(dim, q.device)
+    grid = (triton.cdiv(seq_q, block_m), bsz * heads)
+    _gated_attn_fwd[grid](
+        q, k, v, prompt_k, prompt_v, gate, out, out_main, lse, lse_p, kv_start if kv_start is not None else lse,
+        *_strides3(q), *_strides3(k), *_strides3(v),
+        *_batch_strides(prompt_k, bsz), *_batch_strides(prompt_v, bsz), *_strides3(out),
+        heads, heads // heads_kv, seq_q, seq_k, seq_p, 0 if gate.numel() == 1 else 1,
+        scale * LOG2E,
+        CAUSAL=causal, HAS_KV_START=kv_start is not None, GATE_TANH=gate_tanh,
+        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=_prompt_block(seq_p),
+        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+    )
+    return out, out_main, lse, lse_p
+
+
+def gated_attention_bwd(
+    dout, q, k, v, prompt_k, prompt_v, gate, out_main, lse, lse_p, kv_start: Optional[torch.Tensor], causal: bool,
+    scale: float, gate_tanh: bool,
+):
+    """Returns (dq, dk, dv, d_prompt_k, d_prompt_v, d_gate), each shaped like its input."""
+    bsz, seq_q, heads, dim = q.shape
+    seq_k, heads_kv = k.shape[1], k.shape[2]
+    seq_p, group = prompt_k.shape[1], heads // heads_kv
+    block_m, block_n, warps, stages = _config(dim, q.device)
+    precision = _precision(q.dtype)
+    delta, delta_p, dgate_rows = (torch.empty_like(lse) for _ in range(3))
+    gate_stride = 0 if gate.numel() == 1 else 1
+    _gated_bwd_preprocess[(triton.cdiv(seq_q, block_m), bsz * heads)](
+        q, prompt_k, prompt_v, gate, out_main, dout, lse_p, delta, delta_p, dgate_rows,
+        *_strides3(q), *_batch_strides(prompt_k, bsz), *_batch_strides(prompt_v, bsz), *_strides3(out_main),
+        *_strides3(dout),
+        heads, group, seq_q, seq_p, gate_stride, scale,
+        GATE_TANH=gate_tanh, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_P=_prompt_block(seq_p), PRECISION=precision,
+        num_warps=warps,
+    )
+    g = torch.tanh(gate.float()) if gate_tanh else gate.float()
+    dout_p = (dout.float() * g.view(1, 1, -1, 1)).to(dout.dtype)
+
+    def segment_bwd(keys, values, d_out, seg_lse, seg_delta, seg_causal, starts, dq_out):
+        seq = keys.shape[1]
+        dk = torch.empty((bsz, seq, heads_kv, dim), dtype=keys.dtype, device=q.device)
+        dv = torch.empty_like(dk)
+        ks = starts if starts is not None else seg_lse
+        common = dict(CAUSAL=seg_causal, HAS_KV_START=starts is not None, HEAD_DIM=dim, PRECISION=precision,
+                      num_warps=warps, num_stages=stages)
+        bwd_m, bwd_n = (block_m // 2, block_n) if q.device.type == "cuda" else (block_m, block_n)
+        _attn_bwd_dkdv[(triton.cdiv(seq, bwd_n), bsz * heads_kv)](
+            q, keys, values, d_out, seg_lse, seg_delta, dk, dv, ks,
+            *_strides3(q), *_batch_strides(keys, bsz), *_batch_strides(values, bsz), *_strides3(d_out),
+            *_strides3(dk), *_strides3(dv),
+            heads, heads_kv, group, seq_q, seq, scale, BLOCK_M=bwd_m, BLOCK_N=bwd_n, **common,
+        )
+        _attn_bwd_dq[(triton.cdiv(seq_q, bwd_n), bsz * heads)](
+            q, keys, values, d_out, seg_lse, seg_delta, dq_out, ks,
+            *_strides3(q), *_batch_strides(keys, bsz), *_batch_strides(values, bsz), *_strides3(d_out),
+            *_strides3(dq_out),
+            heads, group, seq_q, seq, scale, BLOCK_M=bwd_n, BLOCK_N=bwd_m, **common,
+        )
+        return dk, dv
+
+    dq_main = torch.empty((bsz, seq_q, heads, dim), dtype=torch.float32, device=q.device)
+    dq_prompt = torch.empty_like(dq_main)
+    dk, dv = segment_bwd(k, v, dout, lse, delta, causal, kv_start, dq_main)
+    dpk, dpv = segment_bwd(prompt_k, prompt_v, dout_p, lse_p, delta_p, False, None, dq_prompt)
+    if prompt_k.shape[0] == 1 and bsz > 1:
+        dpk, dpv = dpk.float().sum(0, keepdim=True), dpv.float().sum(0, keepdim=True)
+    dgate = dgate_rows.sum(dim=(0, 2))  # (H,)
+    if gate_tanh:
+        dgate = dgate * (1 - g * g)
+    if gate.numel() == 1:
+        dgate = dgate.sum().view(gate.shape)
+    return ((dq_main + dq_prompt).to(q.dtype), dk, dv, dpk.to(prompt_k.dtype), dpv.to(prompt_v.dtype),
+            dgate.to(gate.dtype))
