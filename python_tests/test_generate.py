@@ -1,3 +1,5 @@
+"""Generation: KV-cache decode, left-padded batches, eos, streaming, sampling, top-p."""
+
 import pytest
 import torch
 
@@ -40,6 +42,11 @@ def test_stop_at_eos_and_streaming(model):
     streamed = [[s[b] for s in steps if s[b] is not None] for b in range(2)]
     assert streamed == out
     assert all(s[0] is None for s in steps[2:])
+    # Several eos ids (a config's eos_token_id may be a list): each sample stops at the first it meets.
+    stop = [eos, free[1][0]]
+    out = generate(model, prompts, max_new_tokens=5, eos_id=stop)
+    first_stop = [next(i for i, t in enumerate(f) if t in stop) for f in free]
+    assert out == [f[: i + 1] for f, i in zip(free, first_stop)] and out[1] == free[1][:1]
 
 
 def test_sampling_is_seeded_and_tiny_top_p_is_greedy(model):
@@ -70,6 +77,20 @@ def test_bad_arguments(model):
         generate(model, [[1]], max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p: expected a number in"):
         top_p_filter(torch.zeros(1, 3), 0.0)
+    with pytest.raises(ValueError, match=r"prompts: token ids must be in \[0, 61\), got 61"):
+        generate(model, [[1, 61]], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"pad_id: expected an id in \[0, 61\), got -1"):
+        generate(model, [[1]], max_new_tokens=2, pad_id=-1)
     cache = model.new_kv_cache(1, 4)
     with pytest.raises(ValueError, match="kv_cache: 6 positions exceed the cache length max_len=4"):
         model(torch.zeros(1, 6, dtype=torch.long), kv_cache=cache)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own
+def test_forward_compiles_fullgraph(model):
+    """No graph breaks in the model: every op is one opaque custom op with a fake impl."""
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = model(ids)
+        actual = torch.compile(model, fullgraph=True)(ids)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)

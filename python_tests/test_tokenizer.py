@@ -1,3 +1,5 @@
+"""Tokenizers: the byte tokenizer, HF tokenizers from a directory, incremental UTF-8 streaming."""
+
 import pytest
 
 from mmkernels.models.tokenizer import ByteTokenizer, load_tokenizer
@@ -38,3 +40,38 @@ def test_hf_tokenizer_from_directory(tmp_path):
 def test_missing_tokenizer_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer files"):
         load_tokenizer(str(tmp_path))
+
+
+def test_hf_stream_decoder_holds_back_partial_utf8(tmp_path):
+    """A byte-level BPE with no merges: every byte is a token, so characters span several tokens."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<s>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(alphabet)}}
+    core = tokenizers.Tokenizer(models.BPE(vocab, []))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(tmp_path)
+    tok = load_tokenizer(str(tmp_path))
+    text = "héllo 日本 🙂!"
+    ids = tok.encode(text)
+    assert len(ids) == 1 + len(text.encode()) and tok.decode(ids) == text
+    dec = tok.stream_decoder()
+    pieces = [dec.step(i) for i in ids + [tok.eos_id]] + [dec.flush()]
+    assert "".join(pieces) == text
+    assert "\ufffd" not in "".join(pieces)
+    emoji_at = 1 + len("héllo 日本 ".encode())
+    assert pieces[emoji_at:emoji_at + 4] == ["", "", "", "🙂"]
+
+
+def test_byte_decoder_replaces_invalid_and_truncated_utf8():
+    tok = ByteTokenizer()
+    cut = list("日".encode())[:2]
+    assert tok.decode([tok.bos_id, 0x61] + cut + [tok.eos_id]) == "a\ufffd"
+    dec = tok.stream_decoder()
+    assert [dec.step(i) for i in [0x61] + cut] == ["a", "", ""]
+    assert dec.flush() == "\ufffd"  # the stream ended inside a character
+    assert dec.step(tok.pad_id) == ""  # special ids carry no text

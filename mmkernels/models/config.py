@@ -47,6 +47,8 @@ class LlamaConfig:
         if self.head_dim % 2:
             raise ValueError(f"head_dim: expected an even number (rotary embedding), got {self.head_dim}")
         if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict):
+                raise ValueError(f"rope_scaling: expected None or a dict, got {self.rope_scaling!r}")
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in _ROPE_TYPES:
                 raise ValueError(f"rope_scaling: rope_type {kind!r} is not supported; expected one of "
@@ -85,6 +87,13 @@ class LlamaConfig:
         if scaling is None and rope.get("rope_type", "default") != "default":
             scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
         fields = {f.name for f in dataclasses.fields(cls)}
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        absent = [name for name in required if raw.get(name) is None]
+        if absent:
+            raise ValueError(f"config: missing required key(s) {absent}")
+        # transformers' LlamaConfig defaults, for a config.json that leaves them out.
+        raw.setdefault("bos_token_id", 1)
+        raw.setdefault("eos_token_id", 2)
         kwargs = {k: v for k, v in raw.items() if k in fields}
         kwargs.update(rope_theta=float(theta), rope_scaling=scaling)
         return cls(**kwargs)

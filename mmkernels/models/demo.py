@@ -95,7 +95,7 @@ def run_generate(args: argparse.Namespace) -> int:
     with torch.no_grad():
         out = generate(
             model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seed=args.seed, on_step=on_step,
+            eos_id=sorted({tokenizer.eos_id, *model.config.eos_ids} - {None}), pad_id=tokenizer.pad_id, seed=args.seed, on_step=on_step,
         )
     elapsed = time.perf_counter() - t0
     if len(prompts) == 1 and not args.no_stream:

@@ -7,7 +7,7 @@ padded keys. One prefill forward, then one token per step for the whole batch.
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
@@ -44,25 +44,37 @@ def generate(
     max_new_tokens: int,
     temperature: float = 0.0,
     top_p: float = 1.0,
-    eos_id: Optional[int] = None,
+    eos_id: Optional[Union[int, Sequence[int]]] = None,
     pad_id: int = 0,
     seed: int = 0,
     on_step: Optional[Callable[[List[Optional[int]]], None]] = None,
 ) -> List[List[int]]:
     """New tokens for each prompt (up to and including eos). on_step receives, after every step, the new
-    token of each sample, or None for samples that have finished."""
+    token of each sample, or None for samples that have finished.
+
+    eos_id: one id or several (a config's eos_token_id may be a list); None never stops early.
+    temperature 0 is greedy; otherwise softmax(logits / temperature) restricted to the top-p nucleus,
+    sampled with a CPU torch.Generator seeded with `seed` (the same tokens on any device).
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts: expected a non-empty list of non-empty token lists")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"temperature: expected a number >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p: expected a number in (0, 1], got {top_p}")
+    vocab = model.config.vocab_size
+    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"prompts: token ids must be in [0, {vocab}), got {bad[0]}")
+    if not 0 <= pad_id < vocab:
+        raise ValueError(f"pad_id: expected an id in [0, {vocab}), got {pad_id}")
+    stop = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
     device = next(model.parameters()).device
     bsz, width = len(prompts), max(len(p) for p in prompts)
     starts = torch.tensor([width - len(p) for p in prompts], dtype=torch.int32, device=device)
-    ids = torch.full((bsz, width), pad_id, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long).to(device)
     positions = (torch.arange(width, device=device)[None, :] - starts[:, None].long()).clamp_min(0)
 
     cache = model.new_kv_cache(bsz, width + max_new_tokens)
@@ -74,14 +86,13 @@ def generate(
     for step in range(max_new_tokens):
         tokens = _next_tokens(logits, temperature, top_p, gen)
         emitted: List[Optional[int]] = []
-        for b in range(bsz):
+        for b, tok in enumerate(tokens.tolist()):  # one device sync per step
             if done[b]:
                 emitted.append(None)
                 continue
-            tok = int(tokens[b])
             out[b].append(tok)
             emitted.append(tok)
-            done[b] = eos_id is not None and tok == eos_id
+            done[b] = tok in stop
         if on_step is not None:
             on_step(emitted)
         if all(done) or step == max_new_tokens - 1:

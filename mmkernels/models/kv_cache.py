@@ -8,6 +8,9 @@ import torch
 
 
 class KVCache:
+    """k[layer], v[layer]: (B, max_len, H_kv, D). One forward of T tokens calls update() once per layer
+    (each returns views of positions [0, length + T)) and then advance(T)."""
+
     def __init__(self, num_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         shape = (batch, max_len, n_kv_heads, head_dim)
@@ -18,6 +21,11 @@ class KVCache:
 
     def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Store T new positions after the current length; return views of all positions so far."""
+        bsz, _, heads, dim = self.k[layer].shape
+        want = (bsz, k_new.shape[1], heads, dim)
+        if tuple(k_new.shape) != want or tuple(v_new.shape) != want:
+            raise ValueError(f"kv_cache: expected k_new and v_new of shape ({bsz}, T, {heads}, {dim}), "
+                             f"got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
         end = self.length + k_new.shape[1]
         if end > self.max_len:
             raise ValueError(f"kv_cache: {end} positions exceed the cache length max_len={self.max_len}")

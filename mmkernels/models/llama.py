@@ -105,8 +105,8 @@ class Llama(nn.Module):
         past = kv_cache.length if kv_cache is not None else 0
         if positions is None:
             positions = torch.arange(past, past + seq, device=input_ids.device)
-        if self._inv_freq.device != input_ids.device:
-            self._inv_freq = self._inv_freq.to(input_ids.device)
+        if positions.dim() not in (1, 2) or positions.shape[-1] != seq:
+            raise ValueError(f"positions: expected shape ({seq},) or (B, {seq}), got {tuple(positions.shape)}")
         cos, sin = ops.rope_cos_sin(positions, self._inv_freq)
         x, residual = self.embed_tokens(input_ids), None
         for block in self.layers:
@@ -115,6 +115,14 @@ class Llama(nn.Module):
             kv_cache.advance(seq)
         x, _ = self.norm(x, residual)
         return self.lm_head(x).float()
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) / .cuda() move the rotary frequencies too; dtype casts leave them in float32.
+        super()._apply(fn, recurse)
+        device = fn(torch.empty(0, device=self._inv_freq.device)).device
+        if device.type != "meta":
+            self._inv_freq = self._inv_freq.to(device)
+        return self
 
     def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.embed_tokens.weight

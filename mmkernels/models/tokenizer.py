@@ -41,33 +41,52 @@ class ByteTokenizer:
 
 
 class _HFStreamDecoder:
-    """Decodes the growing sequence and emits the new suffix, holding back an incomplete character."""
+    """Emits the text added by each token, decoding only a short window of recent ids.
+
+    Text is the decode of ids[prefix:] minus the decode of ids[prefix:read]: decoding the previous token
+    together with the new ones keeps word-boundary spaces right (SentencePiece, byte-level BPE), and a
+    decode that ends in U+FFFD is an incomplete UTF-8 character, held back until its last byte arrives.
+    """
 
     def __init__(self, tok) -> None:
-        self._tok, self._ids, self._emitted = tok, [], 0
+        self._tok, self._ids = tok, []
+        self._prefix = self._read = 0
+
+    def _decode(self, ids) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
 
     def step(self, token_id: int) -> str:
         self._ids.append(token_id)
-        text = self._tok.decode(self._ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        new, self._emitted = text[self._emitted:], len(text)
-        return new
+        return self._emit(final=False)
 
     def flush(self) -> str:
-        text = self._tok.decode(self._ids, skip_special_tokens=True)
-        new, self._emitted = text[self._emitted:], len(text)
-        return new
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        before = self._decode(self._ids[self._prefix:self._read])
+        text = self._decode(self._ids[self._prefix:])
+        if len(text) <= len(before) or (text.endswith("\ufffd") and not final):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(before):]
 
 
 class HFTokenizer:
-    """A HF tokenizer behind the ByteTokenizer interface. pad falls back to eos when none is defined."""
+    """A HF tokenizer behind the ByteTokenizer interface.
+
+    pad_id falls back to eos_id (then 0) when the tokenizer defines no pad token, as LLaMA tokenizers do:
+    generation masks the pads out of attention, so any valid id serves as filler.
+    """
 
     def __init__(self, tok) -> None:
         self._tok = tok
         self.bos_id: Optional[int] = tok.bos_token_id
         self.eos_id: Optional[int] = tok.eos_token_id
-        self.pad_id: int = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        if tok.pad_token_id is not None:
+            self.pad_id: int = tok.pad_token_id
+        else:
+            self.pad_id = tok.eos_token_id if tok.eos_token_id is not None else 0
+        self.vocab_size: int = len(tok)
 
     def encode(self, text: str, add_bos: bool = True) -> List[int]:
         ids = self._tok.encode(text, add_special_tokens=False)
@@ -81,6 +100,9 @@ class HFTokenizer:
 
 
 def load_tokenizer(path: str) -> HFTokenizer:
+    """The HF tokenizer saved in checkpoint directory `path` (local files only, nothing downloaded)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"path: {path} is not a directory")
     if not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
         raise FileNotFoundError(f"path: no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in {path}")
     from transformers import AutoTokenizer
