@@ -1,5 +1,6 @@
 """Drop-in nn.Modules built on mmkernels.ops."""
 
 from mmkernels.nn.rms_norm import RMSNorm
+from mmkernels.nn.scale_bias_linear import ScaleBiasLinear
 
-__all__ = ["RMSNorm"]
+__all__ = ["RMSNorm", "ScaleBiasLinear"]

@@ -1,0 +1,67 @@
+"""Bias/scale tuning of a frozen linear layer (LLaMA-Adapter V2).
+
+    form="output" (the paper):   y = s * (W x + b0 + b)      s, b: (out_features,)
+    form="input"  (65B chat code): y = W (s * x) + b0 + b     s: (in_features,), b: (out_features,)
+
+W and its original bias b0 stay frozen; s starts at 1 and b at 0, so the layer starts as the base layer.
+`merge()` folds s and b into a plain nn.Linear for inference:
+    output form: W' = diag(s) W, b' = s * (b0 + b);   input form: W' = W diag(s), b' = b0 + b.
+The elementwise epilogue runs as PyTorch ops around the cuBLAS GEMM; a fused kernel replaces it only once
+a GPU measurement shows it wins.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mmkernels import _checks
+
+FORMS = ("output", "input")
+
+
+class ScaleBiasLinear(nn.Module):
+    def __init__(self, base: nn.Linear, form: str = "output") -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
+        _checks.one_of("form", form, FORMS)
+        self.form = form
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.base_bias = base.bias
+        if self.base_bias is not None:
+            self.base_bias.requires_grad_(False)
+        p = dict(dtype=torch.float32, device=base.weight.device)  # trainable parameters in fp32
+        self.scale = nn.Parameter(torch.ones(self.out_features if form == "output" else self.in_features, **p))
+        self.bias = nn.Parameter(torch.zeros(self.out_features, **p))
+
+    def _bias_total(self) -> torch.Tensor:
+        return self.bias if self.base_bias is None else self.bias + self.base_bias.to(self.bias.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x: expected last dim {self.in_features}, got {tuple(x.shape)}")
+        dtype = x.dtype
+        acc = torch.promote_types(dtype, torch.float32)  # the epilogue in fp32 (or wider)
+        if self.form == "output":
+            y = F.linear(x, self.weight)
+            return ((y.to(acc) + self._bias_total()) * self.scale).to(dtype)
+        y = F.linear((x.to(acc) * self.scale).to(dtype), self.weight)
+        return (y.to(acc) + self._bias_total()).to(dtype)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Linear:
+        """A plain nn.Linear computing the same function (up to rounding of W' in W's dtype)."""
+        w = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
+        merged_w = self.scale[:, None] * w if self.form == "output" else w * self.scale[None, :]
+        merged_b = self._bias_total() * (self.scale if self.form == "output" else 1.0)
+        out = nn.Linear(self.in_features, self.out_features, bias=True, device=w.device, dtype=self.weight.dtype)
+        out.weight.copy_(merged_w)
+        out.bias.copy_(merged_b)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, form={self.form!r}, base_bias={self.base_bias is not None}"
