@@ -4,8 +4,8 @@ left-padding mask (kv_start). Layout (batch, seq, heads, head_dim), any strides 
 Forward (FlashAttention-2): one program per (query block, batch x query head) runs an online softmax over
 the key blocks it can see, in base 2 (log2(e) folded into the scale), and stores the output once together
 with the row log-sum-exp. The key loop is `_attn_fwd_segment`, which updates an (acc, m, l) state for one
-key/value segment: the gated prompt attention calls it a second time, on the prompt keys and values with a
-state of its own, to get the separately normalised prompt term.
+key/value segment. With HAS_PROMPT the same kernel runs it a second time, on the prompt keys and values
+with a state of its own, and adds the gated, separately normalised prompt term (gated_attention.py).
 
 Backward: `_attn_bwd_preprocess` computes delta = rowsum(dO * O); `_attn_bwd_dkdv` runs one program per
 (key block, batch x kv head) and loops over the query heads of its GQA group and their query blocks, so
@@ -78,17 +78,33 @@ def _key_range(KV_START, b, start_m, seq_q, seq_k,
 
 
 @triton.jit
+def _gate(G, h, GATE_STRIDE, GATE_TANH: tl.constexpr):
+    """The prompt gate of head h: G[h] (or G[0] with GATE_STRIDE 0), through tanh when GATE_TANH."""
+    g = tl.load(G + h * GATE_STRIDE).to(tl.float32)
+    if GATE_TANH:
+        g = 2.0 * tl.sigmoid(2.0 * g) - 1.0
+    return g
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, KV_START,
+    PK, PV, G, O_MAIN, LSE_P,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
-    H, GROUP, seq_q, seq_k,
+    stride_pkb, stride_pkt, stride_pkh,
+    stride_pvb, stride_pvt, stride_pvh,
+    H, GROUP, seq_q, seq_k, seq_p, GATE_STRIDE,
     qk_scale,
     CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_PROMPT: tl.constexpr, GATE_TANH: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
+    """Attention of one query block; with HAS_PROMPT, plus g_h times the separately normalised attention
+    over the prompt keys/values (PK, PV: no mask), and the main term alone stored to O_MAIN."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -98,6 +114,7 @@ def _attn_fwd(
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seq_q
     row_pos = offs_m + (seq_k - seq_q)
+    o_offs = b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
 
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
@@ -115,8 +132,23 @@ def _attn_fwd(
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("inf"))
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    if HAS_PROMPT:
+        # The main term alone is what the main segment's backward needs (delta = rowsum(dO * O_main));
+        # recovering it as out - g * O_prompt from the rounded output would cost precision.
+        tl.store(O_MAIN + o_offs, out.to(O_MAIN.dtype.element_ty), mask=row_ok[:, None])
+        acc_p = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+        m_p = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_p = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc_p, m_p, l_p = _attn_fwd_segment(
+            acc_p, m_p, l_p, q,
+            PK + b * stride_pkb + kvh * stride_pkh, PV + b * stride_pvb + kvh * stride_pvh, stride_pkt, stride_pvt,
+            0, seq_p, seq_p, 0, row_pos, qk_scale, offs_d,
+            CAUSAL=False, BLOCK_N=BLOCK_P, PRECISION=PRECISION,
+        )
+        out = out + _gate(G, h, GATE_STRIDE, GATE_TANH) * (acc_p / l_p[:, None])
+        tl.store(LSE_P + bh.to(tl.int64) * seq_q + offs_m, (m_p + tl.math.log2(l_p)) / 1.4426950408889634,
+                 mask=row_ok)
+    tl.store(O + o_offs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + bh.to(tl.int64) * seq_q + offs_m, lse, mask=row_ok)
 
 
@@ -295,13 +327,14 @@ def attention_fwd(
         return out, lse
     block_m, block_n, warps, stages = _config(dim, q.device)
     grid = (triton.cdiv(seq_q, block_m), bsz * heads)
+    no_prompt = (k, v, lse, out, lse)  # PK, PV, G, O_MAIN, LSE_P: never read without HAS_PROMPT
     _attn_fwd[grid](
-        q, k, v, out, lse, kv_start if kv_start is not None else lse,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
-        heads, heads // heads_kv, seq_q, seq_k,
+        q, k, v, out, lse, kv_start if kv_start is not None else lse, *no_prompt,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), *_strides3(k), *_strides3(v),
+        heads, heads // heads_kv, seq_q, seq_k, 0, 0,
         scale * LOG2E,
-        CAUSAL=causal, HAS_KV_START=kv_start is not None,
-        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
+        CAUSAL=causal, HAS_KV_START=kv_start is not None, HAS_PROMPT=False, GATE_TANH=False,
+        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=16, PRECISION=_precision(q.dtype),
         num_warps=warps, num_stages=stages,
     )
     return out, lse

@@ -1,8 +1,8 @@
 """Triton gated prompt attention: out = attn_main + g_h * attn_prompt, each with its own softmax.
 
-Forward: ONE kernel. Each program (query block, batch x head) runs the main-segment online softmax and,
-with a state of its own, the prompt segment (`_attn_fwd_segment` twice), adds g_h times the normalised
-prompt term and writes the output once, with both row log-sum-exps.
+Forward: ONE kernel, the attention forward `_attn_fwd` with HAS_PROMPT: each program (query block,
+batch x head) runs the main-segment online softmax and, with a state of its own, the prompt segment,
+adds g_h times the normalised prompt term and writes the output once, with both row log-sum-exps.
 
 Backward: `_gated_bwd_preprocess` recomputes the prompt term from its lse (the prompt is short: one key
 tile) and writes, per query row, delta_main =
@@ -24,82 +24,12 @@ from mmkernels.kernels.attention import (
     LOG2E,
     _attn_bwd_dkdv,
     _attn_bwd_dq,
-    _attn_fwd_segment,
+    _attn_fwd,
     _config,
-    _key_range,
+    _gate,
     _precision,
     _strides3,
 )
-
-
-@triton.jit
-def _gate(G, h, GATE_STRIDE, GATE_TANH: tl.constexpr):
-    g = tl.load(G + h * GATE_STRIDE).to(tl.float32)
-    if GATE_TANH:
-        g = 2.0 * tl.sigmoid(2.0 * g) - 1.0
-    return g
-
-
-@triton.jit
-def _gated_attn_fwd(
-    Q, K, V, PK, PV, G, O, O_MAIN, LSE, LSE_P, KV_START,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_pkb, stride_pkt, stride_pkh,
-    stride_pvb, stride_pvt, stride_pvh,
-    stride_ob, stride_ot, stride_oh,
-    H, GROUP, seq_q, seq_k, seq_p, GATE_STRIDE,
-    qk_scale,
-    CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, GATE_TANH: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    kvh = h // GROUP
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < seq_q
-    row_pos = offs_m + (seq_k - seq_q)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    kv_lo, lo, hi = _key_range(KV_START, b, start_m, seq_q, seq_k, CAUSAL, HAS_KV_START, BLOCK_M, BLOCK_N)
-
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc, m_i, l_i = _attn_fwd_segment(
-        acc, m_i, l_i, q,
-        K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh, stride_kt, stride_vt,
-        lo, hi, seq_k, kv_lo, row_pos, qk_scale, offs_d,
-        CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, PRECISION=PRECISION,
-    )
-    acc_p = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    m_p = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_p = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc_p, m_p, l_p = _attn_fwd_segment(
-        acc_p, m_p, l_p, q,
-        PK + b * stride_pkb + kvh * stride_pkh, PV + b * stride_pvb + kvh * stride_pvh, stride_pkt, stride_pvt,
-        0, seq_p, seq_p, 0, row_pos, qk_scale, offs_d,
-        CAUSAL=False, BLOCK_N=BLOCK_P, PRECISION=PRECISION,
-    )
-    g = _gate(G, h, GATE_STRIDE, GATE_TANH)
-    seen = l_i > 0.0
-    out_main = acc / tl.where(seen, l_i, 1.0)[:, None]
-    out = out_main + g * (acc_p / l_p[:, None])
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("inf"))
-    lse_p = (m_p + tl.math.log2(l_p)) / 1.4426950408889634
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=row_ok[:, None])
-    # The main term alone is what the main segment's backward needs (delta = rowsum(dO * O_main));
-    # recovering it as out - g * O_prompt from the rounded output would cost precision.
-    tl.store(O_MAIN + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
-             out_main.to(O_MAIN.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + bh.to(tl.int64) * seq_q + offs_m, lse, mask=row_ok)
-    tl.store(LSE_P + bh.to(tl.int64) * seq_q + offs_m, lse_p, mask=row_ok)
 
 
 @triton.jit
@@ -170,13 +100,14 @@ def gated_attention_fwd(
         return out, out_main, lse, lse_p
     block_m, block_n, warps, stages = _config(dim, q.device)
     grid = (triton.cdiv(seq_q, block_m), bsz * heads)
-    _gated_attn_fwd[grid](
-        q, k, v, prompt_k, prompt_v, gate, out, out_main, lse, lse_p, kv_start if kv_start is not None else lse,
-        *_strides3(q), *_strides3(k), *_strides3(v),
-        *_batch_strides(prompt_k, bsz), *_batch_strides(prompt_v, bsz), *_strides3(out),
+    _attn_fwd[grid](
+        q, k, v, out, lse, kv_start if kv_start is not None else lse,
+        prompt_k, prompt_v, gate, out_main, lse_p,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
+        *_batch_strides(prompt_k, bsz), *_batch_strides(prompt_v, bsz),
         heads, heads // heads_kv, seq_q, seq_k, seq_p, 0 if gate.numel() == 1 else 1,
         scale * LOG2E,
-        CAUSAL=causal, HAS_KV_START=kv_start is not None, GATE_TANH=gate_tanh,
+        CAUSAL=causal, HAS_KV_START=kv_start is not None, HAS_PROMPT=True, GATE_TANH=gate_tanh,
         HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=_prompt_block(seq_p),
         PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
     )
