@@ -353,36 +353,65 @@ def attention_bwd(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv) in the shapes and dtypes of q, k, v."""
     bsz, seq_q, heads, dim = q.shape
-    seq_k, heads_kv = k.shape[1], k.shape[2]
     dq = torch.empty((bsz, seq_q, heads, dim), dtype=q.dtype, device=q.device)
-    dk = torch.empty((bsz, seq_k, heads_kv, dim), dtype=k.dtype, device=k.device)
-    dv = torch.empty((bsz, seq_k, heads_kv, dim), dtype=v.dtype, device=v.device)
     if q.numel() == 0 or k.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    block_m, block_n, warps, stages = _config(dim, q.device)
+        return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
+    block_m, _, warps, _ = _config(dim, q.device)
     delta = torch.empty_like(lse)
     _attn_bwd_preprocess[(triton.cdiv(seq_q, block_m), bsz * heads)](
         out, dout, delta, *_strides3(out), *_strides3(dout), heads, seq_q,
         HEAD_DIM=dim, BLOCK_M=block_m, num_warps=warps,
     )
+    dk, dv = segment_backward(q, k, v, dout, lse, delta, kv_start, causal, scale, dq)
+    return dq, dk, dv
+
+
+def batch_strides(t: torch.Tensor, bsz: int):
+    """Strides of a (1 or B, L, H, D) tensor read by B programs: batch stride 0 when shared."""
+    return (0 if t.shape[0] == 1 and bsz > 1 else t.stride(0)), t.stride(1), t.stride(2)
+
+
+def segment_backward(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    dout: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    kv_start: Optional[torch.Tensor],
+    causal: bool,
+    scale: float,
+    dq_out: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The attention backward over one key/value segment, given its lse and delta = rowsum(dO * O_segment).
+
+    Writes dq into `dq_out` and returns (dk, dv) of shape (B, L, H_kv, D). keys/values may have batch 1
+    (shared by all samples, read with batch stride 0); their gradients are then per sample, to be summed.
+    """
+    bsz, seq_q, heads, dim = q.shape
+    seq, heads_kv = keys.shape[1], keys.shape[2]
+    dk = torch.empty((bsz, seq, heads_kv, dim), dtype=keys.dtype, device=q.device)
+    dv = torch.empty((bsz, seq, heads_kv, dim), dtype=values.dtype, device=q.device)
+    block_m, block_n, warps, stages = _config(dim, q.device)
     ks = kv_start if kv_start is not None else lse
     common = dict(CAUSAL=causal, HAS_KV_START=kv_start is not None, HEAD_DIM=dim, PRECISION=_precision(q.dtype),
                   num_warps=warps, num_stages=stages)
-    # The key-block kernel holds k, v, dk, dv for its block: smaller key tiles keep registers in check.
+    # The key-block kernel holds k, v, dk, dv for its block: smaller query tiles keep registers in check.
     bwd_m, bwd_n = (block_m // 2, block_n) if q.device.type == "cuda" else (block_m, block_n)
-    _attn_bwd_dkdv[(triton.cdiv(seq_k, bwd_n), bsz * heads_kv)](
-        q, k, v, dout, lse, delta, dk, dv, ks,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dk), *_strides3(dv),
-        heads, heads_kv, heads // heads_kv, seq_q, seq_k, scale,
+    kv_strides = (*batch_strides(keys, bsz), *batch_strides(values, bsz))
+    _attn_bwd_dkdv[(triton.cdiv(seq, bwd_n), bsz * heads_kv)](
+        q, keys, values, dout, lse, delta, dk, dv, ks,
+        *_strides3(q), *kv_strides, *_strides3(dout), *_strides3(dk), *_strides3(dv),
+        heads, heads_kv, heads // heads_kv, seq_q, seq, scale,
         BLOCK_M=bwd_m, BLOCK_N=bwd_n, **common,
     )
     _attn_bwd_dq[(triton.cdiv(seq_q, bwd_n), bsz * heads)](
-        q, k, v, dout, lse, delta, dq, ks,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dq),
-        heads, heads // heads_kv, seq_q, seq_k, scale,
+        q, keys, values, dout, lse, delta, dq_out, ks,
+        *_strides3(q), *kv_strides, *_strides3(dout), *_strides3(dq_out),
+        heads, heads // heads_kv, seq_q, seq, scale,
         BLOCK_M=bwd_n, BLOCK_N=bwd_m, **common,
     )
-    return dq, dk, dv
+    return dk, dv
 
 
 def check_head_dim(dim: int) -> None:

@@ -22,13 +22,13 @@ import triton.language as tl
 
 from mmkernels.kernels.attention import (
     LOG2E,
-    _attn_bwd_dkdv,
-    _attn_bwd_dq,
     _attn_fwd,
     _config,
     _gate,
     _precision,
     _strides3,
+    batch_strides,
+    segment_backward,
 )
 
 
@@ -80,11 +80,6 @@ def _prompt_block(seq_p: int) -> int:
     return max(16, triton.next_power_of_2(seq_p))
 
 
-def _batch_strides(t: torch.Tensor, bsz: int):
-    """Strides of a (1 or B, L, H, D) tensor read by B programs: batch stride 0 when shared."""
-    return (0 if t.shape[0] == 1 and bsz > 1 else t.stride(0)), t.stride(1), t.stride(2)
-
-
 def gated_attention_fwd(
     q, k, v, prompt_k, prompt_v, gate, kv_start: Optional[torch.Tensor], causal: bool, scale: float, gate_tanh: bool
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -104,7 +99,7 @@ def gated_attention_fwd(
         q, k, v, out, lse, kv_start if kv_start is not None else lse,
         prompt_k, prompt_v, gate, out_main, lse_p,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
-        *_batch_strides(prompt_k, bsz), *_batch_strides(prompt_v, bsz),
+        *batch_strides(prompt_k, bsz), *batch_strides(prompt_v, bsz),
         heads, heads // heads_kv, seq_q, seq_k, seq_p, 0 if gate.numel() == 1 else 1,
         scale * LOG2E,
         CAUSAL=causal, HAS_KV_START=kv_start is not None, HAS_PROMPT=True, GATE_TANH=gate_tanh,
@@ -120,49 +115,25 @@ def gated_attention_bwd(
 ):
     """Returns (dq, dk, dv, d_prompt_k, d_prompt_v, d_gate), each shaped like its input."""
     bsz, seq_q, heads, dim = q.shape
-    seq_k, heads_kv = k.shape[1], k.shape[2]
-    seq_p, group = prompt_k.shape[1], heads // heads_kv
-    block_m, block_n, warps, stages = _config(dim, q.device)
-    precision = _precision(q.dtype)
+    seq_p, group = prompt_k.shape[1], heads // k.shape[2]
+    block_m, _, warps, _ = _config(dim, q.device)
     delta, delta_p, dgate_rows = (torch.empty_like(lse) for _ in range(3))
     gate_stride = 0 if gate.numel() == 1 else 1
     _gated_bwd_preprocess[(triton.cdiv(seq_q, block_m), bsz * heads)](
         q, prompt_k, prompt_v, gate, out_main, dout, lse_p, delta, delta_p, dgate_rows,
-        *_strides3(q), *_batch_strides(prompt_k, bsz), *_batch_strides(prompt_v, bsz), *_strides3(out_main),
+        *_strides3(q), *batch_strides(prompt_k, bsz), *batch_strides(prompt_v, bsz), *_strides3(out_main),
         *_strides3(dout),
         heads, group, seq_q, seq_p, gate_stride, scale,
-        GATE_TANH=gate_tanh, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_P=_prompt_block(seq_p), PRECISION=precision,
+        GATE_TANH=gate_tanh, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_P=_prompt_block(seq_p), PRECISION=_precision(q.dtype),
         num_warps=warps,
     )
     g = torch.tanh(gate.float()) if gate_tanh else gate.float()
     dout_p = (dout.float() * g.view(1, 1, -1, 1)).to(dout.dtype)
 
-    def segment_bwd(keys, values, d_out, seg_lse, seg_delta, seg_causal, starts, dq_out):
-        seq = keys.shape[1]
-        dk = torch.empty((bsz, seq, heads_kv, dim), dtype=keys.dtype, device=q.device)
-        dv = torch.empty_like(dk)
-        ks = starts if starts is not None else seg_lse
-        common = dict(CAUSAL=seg_causal, HAS_KV_START=starts is not None, HEAD_DIM=dim, PRECISION=precision,
-                      num_warps=warps, num_stages=stages)
-        bwd_m, bwd_n = (block_m // 2, block_n) if q.device.type == "cuda" else (block_m, block_n)
-        _attn_bwd_dkdv[(triton.cdiv(seq, bwd_n), bsz * heads_kv)](
-            q, keys, values, d_out, seg_lse, seg_delta, dk, dv, ks,
-            *_strides3(q), *_batch_strides(keys, bsz), *_batch_strides(values, bsz), *_strides3(d_out),
-            *_strides3(dk), *_strides3(dv),
-            heads, heads_kv, group, seq_q, seq, scale, BLOCK_M=bwd_m, BLOCK_N=bwd_n, **common,
-        )
-        _attn_bwd_dq[(triton.cdiv(seq_q, bwd_n), bsz * heads)](
-            q, keys, values, d_out, seg_lse, seg_delta, dq_out, ks,
-            *_strides3(q), *_batch_strides(keys, bsz), *_batch_strides(values, bsz), *_strides3(d_out),
-            *_strides3(dq_out),
-            heads, group, seq_q, seq, scale, BLOCK_M=bwd_n, BLOCK_N=bwd_m, **common,
-        )
-        return dk, dv
-
     dq_main = torch.empty((bsz, seq_q, heads, dim), dtype=torch.float32, device=q.device)
     dq_prompt = torch.empty_like(dq_main)
-    dk, dv = segment_bwd(k, v, dout, lse, delta, causal, kv_start, dq_main)
-    dpk, dpv = segment_bwd(prompt_k, prompt_v, dout_p, lse_p, delta_p, False, None, dq_prompt)
+    dk, dv = segment_backward(q, k, v, dout, lse, delta, kv_start, causal, scale, dq_main)
+    dpk, dpv = segment_backward(q, prompt_k, prompt_v, dout_p, lse_p, delta_p, None, False, scale, dq_prompt)
     if prompt_k.shape[0] == 1 and bsz > 1:
         dpk, dpv = dpk.float().sum(0, keepdim=True), dpv.float().sum(0, keepdim=True)
     dgate = dgate_rows.sum(dim=(0, 2))  # (H,)
