@@ -12,7 +12,6 @@ the batch when shared) and gate.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -44,11 +43,7 @@ def gated_prompt_attention_fwd(
 
         return kernels.gated_attention_fwd(q, k, v, prompt_k, prompt_v, gate, kv_start, causal, scale,
                                            gate_fn == "tanh")
-    bsz = q.shape[0]
-    out = ref.gated_prompt_attention(q, k, v, prompt_k, prompt_v, gate, causal, gate_fn, scale, kv_start)
-    out_main, lse = attn_ref.attention_with_lse(q, k, v, causal, scale, kv_start)
-    _, lse_p = attn_ref.attention_with_lse(q, _expand(prompt_k, bsz), _expand(prompt_v, bsz), False, scale, None)
-    return out, out_main, lse, lse_p
+    return ref.gated_prompt_attention_with_lse(q, k, v, prompt_k, prompt_v, gate, causal, gate_fn, scale, kv_start)
 
 
 @torch.library.custom_op("mmkernels::gated_prompt_attention_bwd", mutates_args=())

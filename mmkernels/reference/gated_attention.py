@@ -10,18 +10,18 @@ prompt_k / prompt_v: (1 or B, L_p, H_kv, D); batch 1 is shared by every sample (
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-from mmkernels.reference.attention import attention
+from mmkernels.reference.attention import attention_with_lse
 
 
 def gate_values(gate: torch.Tensor, gate_fn: str) -> torch.Tensor:
     return torch.tanh(gate) if gate_fn == "tanh" else gate
 
 
-def gated_prompt_attention(
+def gated_prompt_attention_with_lse(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -32,15 +32,19 @@ def gated_prompt_attention(
     gate_fn: str = "tanh",
     scale: Optional[float] = None,
     kv_start: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, the main term alone, lse of the main segment, lse of the prompt segment); lse (B, H, T)."""
     bsz = q.shape[0]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    up = [t.to(acc) for t in (q, k, v, prompt_k, prompt_v)]
-    q32, k32, v32, pk, pv = up
-    main = attention(q32, k32, v32, causal, scale, kv_start)
-    pk = pk.expand(bsz, *pk.shape[1:])
-    pv = pv.expand(bsz, *pv.shape[1:])
-    prompt = attention(q32, pk, pv, False, scale, None)
+    q32, k32, v32, pk, pv = (t.to(acc) for t in (q, k, v, prompt_k, prompt_v))
+    main, lse = attention_with_lse(q32, k32, v32, causal, scale, kv_start)
+    prompt, lse_p = attention_with_lse(q32, pk.expand(bsz, *pk.shape[1:]), pv.expand(bsz, *pv.shape[1:]), False,
+                                       scale, None)
     g = gate_values(gate.to(acc), gate_fn).view(1, 1, -1, 1)
-    return (main + g * prompt).to(q.dtype)
+    return (main + g * prompt).to(q.dtype), main.to(q.dtype), lse, lse_p
+
+
+def gated_prompt_attention(q, k, v, prompt_k, prompt_v, gate, causal=True, gate_fn="tanh", scale=None,
+                           kv_start=None) -> torch.Tensor:
+    return gated_prompt_attention_with_lse(q, k, v, prompt_k, prompt_v, gate, causal, gate_fn, scale, kv_start)[0]
