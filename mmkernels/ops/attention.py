@@ -107,6 +107,16 @@ def _validate_attention(q, k, v, causal, scale, kv_start) -> float:
     return scale
 
 
+def _kernel_kv_start(impl: str, q: Tensor, kv_start: Optional[Tensor]) -> Optional[Tensor]:
+    """For the triton backend: check the head dim it supports and give kv_start the int32 it reads."""
+    if impl != "triton":
+        return kv_start
+    from mmkernels.kernels.attention import check_head_dim
+
+    check_head_dim(q.shape[-1])
+    return kv_start.to(torch.int32) if kv_start is not None else None
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -120,11 +130,6 @@ def attention(
     scale = _validate_attention(q, k, v, causal, scale, kv_start)
 
     impl = backend.select(OP, q.device)
-    if impl == "triton":
-        from mmkernels.kernels.attention import check_head_dim
-
-        check_head_dim(q.shape[-1])
-        if kv_start is not None:
-            kv_start = kv_start.to(torch.int32)
+    kv_start = _kernel_kv_start(impl, q, kv_start)
     out, _ = attention_fwd(_unit_last(q), _unit_last(k), _unit_last(v), kv_start, bool(causal), float(scale), impl)
     return out

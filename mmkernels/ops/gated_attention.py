@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from mmkernels import _checks, backend
-from mmkernels.ops.attention import _unit_last, _validate_attention
+from mmkernels.ops.attention import _kernel_kv_start, _unit_last, _validate_attention
 from mmkernels.reference import attention as attn_ref
 from mmkernels.reference import gated_attention as ref
 
@@ -144,12 +144,7 @@ def gated_prompt_attention(
     _checks.same_device(q=q, prompt_k=prompt_k, prompt_v=prompt_v, gate=gate)
 
     impl = backend.select(OP, q.device)
-    if impl == "triton":
-        from mmkernels.kernels.attention import check_head_dim
-
-        check_head_dim(dim)
-        if kv_start is not None:
-            kv_start = kv_start.to(torch.int32)
+    kv_start = _kernel_kv_start(impl, q, kv_start)
     out, _, _, _ = gated_prompt_attention_fwd(
         _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(prompt_k), _unit_last(prompt_v),
         gate.contiguous(), kv_start, bool(causal), float(scale), gate_fn, impl,
