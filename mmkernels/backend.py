@@ -100,6 +100,13 @@ def cuda_extension_status() -> Tuple[bool, str]:
     return True, "mmkernels._C is built"
 
 
+def cuda_ops():
+    """The csrc kernels as torch ops (torch.ops.mmkernels_C), for the `cuda` backend of an op."""
+    from mmkernels import _C  # noqa: F401  (loading it registers torch.ops.mmkernels_C)
+
+    return torch.ops.mmkernels_C
+
+
 def availability(backend: str, op: str, device: torch.device) -> Tuple[bool, str]:
     """Whether `backend` can run `op` on `device`, and why (or why not)."""
     _check_name(backend, "availability")

@@ -104,25 +104,10 @@ def _backward(ctx, dout, _dout_main, _dlse, _dlse_p):
 gated_prompt_attention_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-def gated_prompt_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    prompt_k: Tensor,
-    prompt_v: Tensor,
-    gate: Union[Tensor, float],
-    *,
-    causal: bool = True,
-    gate_fn: str = "tanh",
-    scale: Optional[float] = None,
-    kv_start: Optional[Tensor] = None,
-) -> Tensor:
-    """Attention over (k, v) plus g * attention over (prompt_k, prompt_v), one fused kernel; (B, T, H, D).
-
-    gate: a tensor of shape (H,) or (1,) (learned), or a float (a fixed scale, no gradient).
-    """
-    scale = _validate_attention(q, k, v, causal, scale, kv_start)
-    bsz, seq_q, heads, dim = q.shape
+def validate_prompt(q: Tensor, k: Tensor, prompt_k: Tensor, prompt_v: Tensor, gate: Union[Tensor, float],
+                    gate_fn: str) -> Tensor:
+    """Boundary checks of the prompt segment shared by the gated ops; returns the gate as a tensor."""
+    bsz, _, heads, dim = q.shape
     heads_kv = k.shape[2]
     for name, t in (("prompt_k", prompt_k), ("prompt_v", prompt_v)):
         _checks.tensor(name, t, ndim=4)
@@ -142,6 +127,28 @@ def gated_prompt_attention(
     if gate.shape[0] not in (1, heads):
         raise ValueError(f"gate: expected shape ({heads},) or (1,), got {tuple(gate.shape)}")
     _checks.same_device(q=q, prompt_k=prompt_k, prompt_v=prompt_v, gate=gate)
+    return gate
+
+
+def gated_prompt_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prompt_k: Tensor,
+    prompt_v: Tensor,
+    gate: Union[Tensor, float],
+    *,
+    causal: bool = True,
+    gate_fn: str = "tanh",
+    scale: Optional[float] = None,
+    kv_start: Optional[Tensor] = None,
+) -> Tensor:
+    """Attention over (k, v) plus g * attention over (prompt_k, prompt_v), one fused kernel; (B, T, H, D).
+
+    gate: a tensor of shape (H,) or (1,) (learned), or a float (a fixed scale, no gradient).
+    """
+    scale = _validate_attention(q, k, v, causal, scale, kv_start)
+    gate = validate_prompt(q, k, prompt_k, prompt_v, gate, gate_fn)
 
     impl = backend.select(OP, q.device)
     kv_start = _kernel_kv_start(impl, q, kv_start)

@@ -25,12 +25,6 @@ OP = "rms_norm"
 backend.register_op(OP, ("cuda", "triton", "reference"))
 
 
-def _cuda_ops():
-    from mmkernels import _C  # noqa: F401  (loading it registers torch.ops.mmkernels_C)
-
-    return torch.ops.mmkernels_C
-
-
 def _forward(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float, impl: str):
     """Returns (y, h or None, rstd) with the chosen implementation."""
     if impl == "triton":
@@ -38,7 +32,7 @@ def _forward(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float, 
 
         return kernels.rms_norm_fwd(x, weight, residual, eps)
     if impl == "cuda":
-        y, h, rstd = _cuda_ops().rms_norm_fwd(x, residual, weight, eps)
+        y, h, rstd = backend.cuda_ops().rms_norm_fwd(x, residual, weight, eps)
         return y, (h if residual is not None else None), rstd
     h = x if residual is None else x + residual
     y = ref.rms_norm(h, weight, eps)
@@ -70,7 +64,7 @@ def rms_norm_bwd(
 
         return kernels.rms_norm_bwd(dy, h, weight, rstd, dh_extra)
     if impl == "cuda":
-        dh, dw = _cuda_ops().rms_norm_bwd(dy, h, weight, rstd, dh_extra)
+        dh, dw = backend.cuda_ops().rms_norm_bwd(dy, h, weight, rstd, dh_extra)
         return dh, dw
     return ref.rms_norm_backward(dy, h, weight, rstd, dh_extra)
 

@@ -1,0 +1,122 @@
+import pytest
+import torch
+
+import mmkernels
+from mmkernels import ops
+import importlib
+
+mod = importlib.import_module("mmkernels.ops.decode_attention")
+from _tolerance import assert_close_to_reference
+
+# (B, T, S, H, H_kv, D, L_p or 0 (no prompt), prompt batch, gate size, gate_fn, kv_start)
+CASES = [
+    (1, 1, 1, 1, 1, 16, 0, 1, 1, "tanh", None),  # one key, no prompt
+    (2, 1, 37, 4, 2, 64, 10, 1, 4, "tanh", None),  # text prompt shared by the batch, GQA 2
+    (3, 1, 200, 8, 2, 32, 1, 3, 1, "raw", (0, 17, 150)),  # L_p=1, per-sample (visual) prompts, left padding
+    (2, 3, 70, 4, 4, 128, 10, 1, 4, "raw", (5, 0)),  # several new queries (speculative / chunked decode)
+    (2, 16, 40, 4, 1, 16, 64, 2, 4, "tanh", (0, 39)),  # the most queries, GQA 4, L_p=64, a nearly empty row
+    (1, 2, 300, 2, 2, 64, 0, 1, 1, "tanh", (40,)),  # long cache (several splits), no prompt
+]
+
+
+def _make(case, device, dtype=torch.float64, seed=0):
+    """A cache buffer larger than the S valid positions, so k/v are strided views as in generation."""
+    b, t, s, h, hkv, d, lp, bp, gs, gate_fn, starts = case
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, s=1.0):
+        return (s * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(device, dtype)
+
+    q = rnd(b, t, h, d)
+    k_buf, v_buf = rnd(b, s + 5, hkv, d), rnd(b, s + 5, hkv, d)
+    prompt = {}
+    if lp:
+        prompt = dict(prompt_k=rnd(bp, lp, hkv, d), prompt_v=rnd(bp, lp, hkv, d), gate=rnd(gs, s=0.7).float(),
+                      gate_fn=gate_fn)
+    kv_start = None if starts is None else torch.tensor(starts, dtype=torch.int32, device=device)
+    return q, k_buf[:, :s], v_buf[:, :s], prompt, kv_start
+
+
+def _run(backend, q, k, v, prompt, kv_start):
+    with mmkernels.use_backend(backend), torch.no_grad():
+        return ops.decode_attention(q, k, v, kv_start=kv_start, **prompt)
+
+
+def _check(backend, case, device, dtype):
+    q, k, v, prompt, kv_start = _make(case, device)
+    high = _run("reference", q, k, v, prompt, kv_start)
+
+    def cast(p):
+        return {n: (t.to(dtype) if isinstance(t, torch.Tensor) and n != "gate" else t) for n, t in p.items()}
+
+    low_args = (q.to(dtype), k.to(dtype), v.to(dtype), cast(prompt), kv_start)
+    low = _run("reference", *low_args)
+    actual = _run(backend, *low_args)
+    assert actual.dtype == dtype
+    assert_close_to_reference(actual, low, high, f"decode {backend} {case}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
+def test_triton_matches_reference(device, case, dtype):
+    _check("triton", case, device, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [c for c in CASES if c[5] in mod.CUDA_HEAD_DIMS], ids=str)
+def test_cuda_matches_reference(case, dtype):
+    _check("cuda", case, "cuda", dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_bf16_gpu_long_cache(backend):
+    _check(backend, (4, 1, 4096, 32, 8, 128, 10, 1, 32, "tanh", None), "cuda", torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_matches_the_training_ops(device, backend):
+    """decode_attention is the inference twin of attention / gated_prompt_attention (causal)."""
+    for case in (CASES[1], CASES[2], CASES[5]):
+        q, k, v, prompt, kv_start = _make(case, device, torch.float32)
+        with mmkernels.use_backend(backend), torch.no_grad():
+            out = ops.decode_attention(q, k, v, kv_start=kv_start, **prompt)
+            if prompt:
+                p = dict(prompt)
+                expected = ops.gated_prompt_attention(q, k, v, p.pop("prompt_k"), p.pop("prompt_v"), p.pop("gate"),
+                                                      causal=True, kv_start=kv_start, **p)
+            else:
+                expected = ops.attention(q, k, v, causal=True, kv_start=kv_start)
+        torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_zero_gate_is_exactly_plain_decode(device, backend):
+    q, k, v, prompt, kv_start = _make(CASES[1], device, torch.float32)
+    prompt["gate"] = torch.zeros_like(prompt["gate"])
+    assert torch.equal(_run(backend, q, k, v, prompt, kv_start), _run(backend, q, k, v, {}, kv_start))
+
+
+def test_bad_input_messages():
+    q, kv = torch.randn(1, 17, 2, 16), torch.randn(1, 20, 2, 16)
+    with pytest.raises(ValueError, match="at most 16 new queries, got T=17"):
+        ops.decode_attention(q, kv, kv)
+    q = torch.randn(1, 1, 2, 16, requires_grad=True)
+    with pytest.raises(ValueError, match="it has no backward"):
+        ops.decode_attention(q, kv, kv)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"give all three or none, got only \['prompt_k'\]"):
+            ops.decode_attention(q, kv, kv, prompt_k=kv[:, :3])
+        with pytest.raises(ValueError, match=r"gate: expected shape \(2,\) or \(1,\), got \(3,\)"):
+            ops.decode_attention(q, kv, kv, prompt_k=kv[:, :3], prompt_v=kv[:, :3], gate=torch.zeros(3))
+        with mmkernels.use_backend("triton"):
+            with pytest.raises(ValueError, match="head dim 48 is not supported"):
+                ops.decode_attention(torch.randn(1, 1, 1, 48), torch.randn(1, 3, 1, 48), torch.randn(1, 3, 1, 48))
+
+
+def test_opcheck():
+    q, k, v, prompt, kv_start = _make(CASES[2], "cpu", torch.float32)
+    args = (q, k.contiguous(), v.contiguous(), prompt["prompt_k"], prompt["prompt_v"], prompt["gate"], kv_start,
+            0.25, "raw", "reference")
+    torch.library.opcheck(mod.decode_attention_op, args)
