@@ -48,6 +48,7 @@ def generate(
     pad_id: int = 0,
     seed: int = 0,
     on_step: Optional[Callable[[List[Optional[int]]], None]] = None,
+    visual_prompts: Optional[torch.Tensor] = None,
 ) -> List[List[int]]:
     """New tokens for each prompt (up to and including eos). on_step receives, after every step, the new
     token of each sample, or None for samples that have finished.
@@ -55,6 +56,8 @@ def generate(
     eos_id: one id or several (a config's eos_token_id may be a list); None never stops early.
     temperature 0 is greedy; otherwise softmax(logits / temperature) restricted to the top-p nucleus,
     sampled with a CPU torch.Generator seeded with `seed` (the same tokens on any device).
+    visual_prompts (B, L_p, hidden): per-sample visual prompt tokens (LLaMA-Adapter V2), given to the prefill;
+    the decode steps reuse the prompt keys/values it stored in the KV cache.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts: expected a non-empty list of non-empty token lists")
@@ -79,7 +82,7 @@ def generate(
 
     cache = model.new_kv_cache(bsz, width + max_new_tokens)
     gen = torch.Generator().manual_seed(seed)
-    logits = model(ids, positions=positions, kv_cache=cache, kv_start=starts)[:, -1]
+    logits = model(ids, positions=positions, kv_cache=cache, kv_start=starts, visual_prompts=visual_prompts)[:, -1]
     out: List[List[int]] = [[] for _ in range(bsz)]
     done = [False] * bsz
     next_pos = positions[:, -1:] + 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -18,6 +18,8 @@ class KVCache:
         self.v: List[torch.Tensor] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_len = max_len
         self.length = 0  # tokens already stored (the same for every sample: padding is on the left)
+        # Per-request state of attention prompts (a method's prompt keys/values, computed at the prefill).
+        self.prompts: Dict[int, Any] = {}
 
     def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Store T new positions after the current length; return views of all positions so far."""
@@ -39,3 +41,4 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+        self.prompts.clear()

@@ -7,7 +7,7 @@ the residual add fused into it: the residual stream h is carried from one norm t
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -18,7 +18,21 @@ from mmkernels.models.kv_cache import KVCache
 from mmkernels.nn import RMSNorm
 
 
+class PromptSegment(NamedTuple):
+    """A gated prompt segment for one attention layer: keys/values (1 or B, L_p, H_kv, D) attended with
+    their own softmax and added as gate_fn(gate) * attention (see ops.gated_prompt_attention)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    gate: torch.Tensor
+    gate_fn: str
+
+
 class Attention(nn.Module):
+    """Self-attention. `prompt`, when set (by a method such as LLaMA-Adapter), is a module called as
+    prompt(attn, batch, dtype, visual_prompts, kv_cache, layer) -> PromptSegment: its segment is attended
+    in the same fused kernel as the tokens."""
+
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -26,8 +40,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.prompt: Optional[nn.Module] = None
 
-    def forward(self, x, cos, sin, layer: int, kv_cache: Optional[KVCache], kv_start: Optional[torch.Tensor]):
+    def forward(self, x, cos, sin, layer: int, kv_cache: Optional[KVCache], kv_start: Optional[torch.Tensor],
+                visual_prompts: Optional[torch.Tensor] = None):
         bsz, seq, _ = x.shape
         q = self.q_proj(x).view(bsz, seq, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(bsz, seq, self.n_kv_heads, self.head_dim)
@@ -35,7 +51,16 @@ class Attention(nn.Module):
         q, k = ops.rope(q, k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
-        out = ops.attention(q, k, v, causal=True, kv_start=kv_start)
+        seg = None if self.prompt is None else self.prompt(self, bsz, q.dtype, visual_prompts, kv_cache, layer)
+        if kv_cache is not None and seq <= ops.MAX_DECODE_QUERIES and not torch.is_grad_enabled():
+            # Generation steps: split-KV decoding over the cache, the prompt segment in the same kernel.
+            prompt = {} if seg is None else dict(prompt_k=seg.k, prompt_v=seg.v, gate=seg.gate, gate_fn=seg.gate_fn)
+            out = ops.decode_attention(q, k, v, kv_start=kv_start, **prompt)
+        elif seg is None:
+            out = ops.attention(q, k, v, causal=True, kv_start=kv_start)
+        else:
+            out = ops.gated_prompt_attention(q, k, v, seg.k, seg.v, seg.gate, causal=True, gate_fn=seg.gate_fn,
+                                             kv_start=kv_start)
         return self.o_proj(out.reshape(bsz, seq, self.n_heads * self.head_dim))
 
 
@@ -59,14 +84,14 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, residual, cos, sin, kv_cache, kv_start):
+    def forward(self, x, residual, cos, sin, kv_cache, kv_start, visual_prompts=None):
         """x: the previous sublayer's output (not yet added); residual: the stream before it (or None).
         Returns this block's MLP output and the stream before it, for the next fused add + norm."""
         if residual is None:
             h, normed = x, self.input_layernorm(x)
         else:
             normed, h = self.input_layernorm(x, residual)
-        attn = self.self_attn(normed, cos, sin, self.layer, kv_cache, kv_start)
+        attn = self.self_attn(normed, cos, sin, self.layer, kv_cache, kv_start, visual_prompts)
         normed, h = self.post_attention_layernorm(attn, h)
         return self.mlp(normed), h
 
@@ -92,12 +117,15 @@ class Llama(nn.Module):
         positions: Optional[torch.Tensor] = None,
         kv_cache: Optional[KVCache] = None,
         kv_start: Optional[torch.Tensor] = None,
+        visual_prompts: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> float32 logits (B, T, vocab).
 
         positions (T,) or (B, T): rotary positions (default: continuing after the cache's length).
         kv_cache: keys/values of earlier positions; this call appends T positions to it.
         kv_start (B,): cache index of each sample's first real token (left padding is masked).
+        visual_prompts (B, L_p, hidden): per-sample tokens that a method's attention prompts fuse (LLaMA-Adapter
+        V2); with a KV cache, give them at the prefill only: the prompt keys/values are kept in the cache.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected shape (B, T), got {tuple(input_ids.shape)}")
@@ -110,7 +138,7 @@ class Llama(nn.Module):
         cos, sin = ops.rope_cos_sin(positions, self._inv_freq)
         x, residual = self.embed_tokens(input_ids), None
         for block in self.layers:
-            x, residual = block(x, residual, cos, sin, kv_cache, kv_start)
+            x, residual = block(x, residual, cos, sin, kv_cache, kv_start, visual_prompts)
         if kv_cache is not None:
             kv_cache.advance(seq)
         x, _ = self.norm(x, residual)
