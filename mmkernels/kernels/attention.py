@@ -10,7 +10,9 @@ with a state of its own, and adds the gated, separately normalised prompt term (
 Backward: `_attn_bwd_preprocess` computes delta = rowsum(dO * O); `_attn_bwd_dkdv` runs one program per
 (key block, batch x kv head) and loops over the query heads of its GQA group and their query blocks, so
 dk and dv are reduced over the group in registers and written once (no atomics, no second pass);
-`_attn_bwd_dq` runs one program per (query block, batch x query head) over the key blocks.
+`_attn_bwd_dq` runs one program per (query block, batch x query head) over the key blocks. Both take an
+optional prompt segment (HAS_PROMPT, gated attention): extra dk/dv programs for its key blocks, and a
+second key loop in dq, so the gated backward costs the same launches as the plain one.
 
 A query that sees no key keeps m = -inf and l = 0: its output is 0 and its lse is +inf, which makes every
 probability recomputed in the backward exp(s - inf) = 0.
@@ -18,7 +20,7 @@ probability recomputed in the backward exp(s - inf) = 0.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -174,35 +176,23 @@ def _attn_bwd_preprocess(
 
 
 @triton.jit
-def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KV_START,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_dob, stride_dot, stride_doh,
-    stride_dkb, stride_dkt, stride_dkh,
-    stride_dvb, stride_dvt, stride_dvh,
-    H, H_KV, GROUP, seq_q, seq_k,
-    sm_scale,
-    CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr,
+def _dkdv_segment(
+    Q, DO, LSE, DELTA, K, V, DK, DV, G,
+    stride_qt, stride_qh, stride_dot, stride_doh, stride_kt, stride_vt, stride_dkt, stride_dvt,
+    kvh, GROUP, seq_q, seq_k, start_n, kv_lo, sm_scale, GATE_STRIDE,
+    CAUSAL: tl.constexpr, GATED: tl.constexpr, GATE_TANH: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    start_n = tl.program_id(0) * BLOCK_N
-    bkv = tl.program_id(1)
-    b = (bkv // H_KV).to(tl.int64)
-    kvh = bkv % H_KV
+    """dk, dv of keys [start_n, start_n + BLOCK_N) of one segment, summed over the GROUP query heads of kv
+    head kvh. Q, DO: at the sample's row 0; LSE, DELTA: at the sample's (h=0, t=0); K, V, DK, DV: at the
+    segment's (sample, kvh) row 0. GATED: the segment enters the output as g_h * softmax(.) V, so its dO is
+    g_h dO (DELTA then already holds g_h rowsum(dO * O_segment))."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n < seq_k
-    kv_lo = 0
-    if HAS_KV_START:
-        kv_lo = tl.load(KV_START + b).to(tl.int32)
     col_visible = col_ok & (offs_n >= kv_lo)
-
-    k = tl.load(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
+    k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
@@ -214,47 +204,136 @@ def _attn_bwd_dkdv(
         lo = (first // BLOCK_M) * BLOCK_M
     for g in range(0, GROUP):
         h = kvh * GROUP + g
-        bh = b * H + h
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
+        gh = 1.0
+        if GATED:
+            gh = _gate(G, h, GATE_STRIDE, GATE_TANH)
         for start_m in range(lo, seq_q, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < seq_q
-            q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None],
+            q = tl.load(Q + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None],
+                        other=0.0)
+            do = tl.load(DO + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None],
                          other=0.0)
-            lse2 = tl.load(LSE + bh * seq_q + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
-            delta = tl.load(DELTA + bh * seq_q + offs_m, mask=row_ok, other=0.0)
+            lse2 = tl.load(LSE + h * seq_q + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(DELTA + h * seq_q + offs_m, mask=row_ok, other=0.0)
             # Transposed scores: rows are keys, columns are queries.
             qkt = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
             visible = col_visible[:, None] & row_ok[None, :]
             if CAUSAL:
                 visible = visible & (offs_n[:, None] <= (offs_m + (seq_k - seq_q))[None, :])
             pt = tl.where(visible, tl.math.exp2(qkt - lse2[None, :]), 0.0)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            if GATED:
+                dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION) * gh
+                dpt = dpt * gh
+            else:
+                dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
     dk = dk * sm_scale
-    tl.store(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DK + offs_n[:, None] * stride_dkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + offs_n[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, KV_START,
+    PK, PV, DPK, DPV, LSE_P, DELTA_P, G,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh,
+    stride_pkb, stride_pkt, stride_pkh,
+    stride_pvb, stride_pvt, stride_pvh,
+    stride_dpkb, stride_dpkt, stride_dpkh,
+    stride_dpvb, stride_dpvt, stride_dpvh,
+    H, H_KV, GROUP, seq_q, seq_k, seq_p, main_blocks, GATE_STRIDE,
+    sm_scale,
+    CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_PROMPT: tl.constexpr, GATE_TANH: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Programs [0, main_blocks) take the key blocks of the main segment; with HAS_PROMPT the programs after
+    them take the prompt's key blocks (no mask, gated dO) in the same launch."""
+    pid = tl.program_id(0)
+    bkv = tl.program_id(1)
+    b = (bkv // H_KV).to(tl.int64)
+    kvh = bkv % H_KV
+    q_b = Q + b * stride_qb
+    do_b = DO + b * stride_dob
+    row0 = b * H * seq_q
+    is_prompt = False
+    if HAS_PROMPT:
+        is_prompt = pid >= main_blocks
+    if is_prompt:
+        _dkdv_segment(
+            q_b, do_b, LSE_P + row0, DELTA_P + row0,
+            PK + b * stride_pkb + kvh * stride_pkh, PV + b * stride_pvb + kvh * stride_pvh,
+            DPK + b * stride_dpkb + kvh * stride_dpkh, DPV + b * stride_dpvb + kvh * stride_dpvh, G,
+            stride_qt, stride_qh, stride_dot, stride_doh, stride_pkt, stride_pvt, stride_dpkt, stride_dpvt,
+            kvh, GROUP, seq_q, seq_p, (pid - main_blocks) * BLOCK_N, 0, sm_scale, GATE_STRIDE,
+            CAUSAL=False, GATED=True, GATE_TANH=GATE_TANH,
+            HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PRECISION=PRECISION,
+        )
+    else:
+        kv_lo = 0
+        if HAS_KV_START:
+            kv_lo = tl.load(KV_START + b).to(tl.int32)
+        _dkdv_segment(
+            q_b, do_b, LSE + row0, DELTA + row0,
+            K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh,
+            DK + b * stride_dkb + kvh * stride_dkh, DV + b * stride_dvb + kvh * stride_dvh, G,
+            stride_qt, stride_qh, stride_dot, stride_doh, stride_kt, stride_vt, stride_dkt, stride_dvt,
+            kvh, GROUP, seq_q, seq_k, pid * BLOCK_N, kv_lo, sm_scale, GATE_STRIDE,
+            CAUSAL=CAUSAL, GATED=False, GATE_TANH=GATE_TANH,
+            HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PRECISION=PRECISION,
+        )
+
+
+@triton.jit
+def _dq_segment(
+    dq, q, do, lse2, delta, K, V, stride_kt, stride_vt,
+    lo, hi, seq_k, kv_lo, row_pos, row_ok, qk_scale, gh, offs_d,
+    CAUSAL: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Adds to dq the gradient through keys [lo, hi) of one segment (K, V at its row 0); lse2 in base 2.
+    GATED: the segment's dO is gh * do (delta already includes gh)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_seq = offs_n < seq_k
+        kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
+        vt = tl.load(V + offs_n[None, :] * stride_vt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
+        qk = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        visible = in_seq[None, :] & (offs_n[None, :] >= kv_lo) & row_ok[:, None]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= row_pos[:, None])
+        p = tl.where(visible, tl.math.exp2(qk - lse2[:, None]), 0.0)
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        if GATED:
+            dp = dp * gh
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+    return dq
 
 
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, KV_START,
+    PK, PV, LSE_P, DELTA_P, G,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh,
     stride_dqb, stride_dqt, stride_dqh,
-    H, GROUP, seq_q, seq_k,
+    stride_pkb, stride_pkt, stride_pkh,
+    stride_pvb, stride_pvt, stride_pvh,
+    H, GROUP, seq_q, seq_k, seq_p, GATE_STRIDE,
     sm_scale,
-    CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_PROMPT: tl.constexpr, GATE_TANH: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """dq of one query block: the main segment, then (HAS_PROMPT) the prompt segment; written once."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -264,30 +343,30 @@ def _attn_bwd_dq(
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seq_q
     row_pos = offs_m + (seq_k - seq_q)
+    rows = bh.to(tl.int64) * seq_q + offs_m
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * seq_q + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + bh.to(tl.int64) * seq_q + offs_m, mask=row_ok, other=0.0)
+    lse2 = tl.load(LSE + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
     kv_lo, lo, hi = _key_range(KV_START, b, start_m, seq_q, seq_k, CAUSAL, HAS_KV_START, BLOCK_M, BLOCK_N)
-    k_base = K + b * stride_kb + kvh * stride_kh
-    v_base = V + b * stride_vb + kvh * stride_vh
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_seq = offs_n < seq_k
-        kt = tl.load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
-        vt = tl.load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None], mask=in_seq[None, :], other=0.0)
-        qk = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        visible = in_seq[None, :] & (offs_n[None, :] >= kv_lo) & row_ok[:, None]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= row_pos[:, None])
-        p = tl.where(visible, tl.math.exp2(qk - lse2[:, None]), 0.0)
-        dp = tl.dot(do, vt, input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+    dq = _dq_segment(
+        dq, q, do, lse2, delta, K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh,
+        stride_kt, stride_vt, lo, hi, seq_k, kv_lo, row_pos, row_ok, qk_scale, 1.0, offs_d,
+        CAUSAL=CAUSAL, GATED=False, BLOCK_N=BLOCK_N, PRECISION=PRECISION,
+    )
+    if HAS_PROMPT:
+        lse2_p = tl.load(LSE_P + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        delta_p = tl.load(DELTA_P + rows, mask=row_ok, other=0.0)
+        dq = _dq_segment(
+            dq, q, do, lse2_p, delta_p, PK + b * stride_pkb + kvh * stride_pkh, PV + b * stride_pvb + kvh * stride_pvh,
+            stride_pkt, stride_pvt, 0, seq_p, seq_p, 0, row_pos, row_ok, qk_scale,
+            _gate(G, h, GATE_STRIDE, GATE_TANH), offs_d,
+            CAUSAL=False, GATED=True, BLOCK_N=BLOCK_N, PRECISION=PRECISION,
+        )
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -353,17 +432,15 @@ def attention_bwd(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv) in the shapes and dtypes of q, k, v."""
     bsz, seq_q, heads, dim = q.shape
-    dq = torch.empty((bsz, seq_q, heads, dim), dtype=q.dtype, device=q.device)
     if q.numel() == 0 or k.numel() == 0:
-        return dq.zero_(), torch.zeros_like(k), torch.zeros_like(v)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     block_m, _, warps, _ = _config(dim, q.device)
     delta = torch.empty_like(lse)
     _attn_bwd_preprocess[(triton.cdiv(seq_q, block_m), bsz * heads)](
         out, dout, delta, *_strides3(out), *_strides3(dout), heads, seq_q,
         HEAD_DIM=dim, BLOCK_M=block_m, num_warps=warps,
     )
-    dk, dv = segment_backward(q, k, v, dout, lse, delta, kv_start, causal, scale, dq)
-    return dq, dk, dv
+    return backward_kernels(q, k, v, dout, lse, delta, kv_start, causal, scale)
 
 
 def batch_strides(t: torch.Tensor, bsz: int):
@@ -371,47 +448,78 @@ def batch_strides(t: torch.Tensor, bsz: int):
     return (0 if t.shape[0] == 1 and bsz > 1 else t.stride(0)), t.stride(1), t.stride(2)
 
 
-def segment_backward(
+class PromptGrad(NamedTuple):
+    """The prompt segment of a gated backward: its keys/values (1 or B, L_p, H_kv, D), row lse and
+    delta = g_h rowsum(dO * O_prompt) (B, H, T), and the gate (H,) or (1,) (tanh applied when gate_tanh)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    lse: torch.Tensor
+    delta: torch.Tensor
+    gate: torch.Tensor
+    gate_tanh: bool
+
+
+def backward_kernels(
     q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
     dout: torch.Tensor,
     lse: torch.Tensor,
     delta: torch.Tensor,
     kv_start: Optional[torch.Tensor],
     causal: bool,
     scale: float,
-    dq_out: torch.Tensor,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The attention backward over one key/value segment, given its lse and delta = rowsum(dO * O_segment).
+    prompt: Optional[PromptGrad] = None,
+):
+    """The two backward launches (dk/dv, then dq), given lse and delta = rowsum(dO * O_main).
 
-    Writes dq into `dq_out` and returns (dk, dv) of shape (B, L, H_kv, D). keys/values may have batch 1
-    (shared by all samples, read with batch stride 0); their gradients are then per sample, to be summed.
+    Returns (dq, dk, dv) or, with a prompt, (dq, dk, dv, d_prompt_k, d_prompt_v): the prompt's key blocks
+    are extra programs of the dk/dv launch, and its dq term a second segment of the dq kernel. Prompt
+    gradients are per sample (B, L_p, H_kv, D), to be summed by the caller when the prompt is shared.
     """
     bsz, seq_q, heads, dim = q.shape
-    seq, heads_kv = keys.shape[1], keys.shape[2]
-    dk = torch.empty((bsz, seq, heads_kv, dim), dtype=keys.dtype, device=q.device)
-    dv = torch.empty((bsz, seq, heads_kv, dim), dtype=values.dtype, device=q.device)
+    seq_k, heads_kv = k.shape[1], k.shape[2]
+    dq = torch.empty((bsz, seq_q, heads, dim), dtype=q.dtype, device=q.device)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     block_m, block_n, warps, stages = _config(dim, q.device)
-    ks = kv_start if kv_start is not None else lse
-    common = dict(CAUSAL=causal, HAS_KV_START=kv_start is not None, HEAD_DIM=dim, PRECISION=_precision(q.dtype),
-                  num_warps=warps, num_stages=stages)
     # The key-block kernel holds k, v, dk, dv for its block: smaller query tiles keep registers in check.
     bwd_m, bwd_n = (block_m // 2, block_n) if q.device.type == "cuda" else (block_m, block_n)
-    kv_strides = (*batch_strides(keys, bsz), *batch_strides(values, bsz))
-    _attn_bwd_dkdv[(triton.cdiv(seq, bwd_n), bsz * heads_kv)](
-        q, keys, values, dout, lse, delta, dk, dv, ks,
-        *_strides3(q), *kv_strides, *_strides3(dout), *_strides3(dk), *_strides3(dv),
-        heads, heads_kv, heads // heads_kv, seq_q, seq, scale,
+    main_blocks = triton.cdiv(seq_k, bwd_n)
+    if prompt is None:
+        seq_p, prompt_blocks, gate_stride = 0, 0, 0
+        pk = pv = dpk = dpv = k  # never read without HAS_PROMPT
+        lse_p = delta_p = gate = lse
+        pk_strides = pv_strides = dpk_strides = dpv_strides = _strides3(k)
+    else:
+        seq_p = prompt.k.shape[1]
+        prompt_blocks = triton.cdiv(seq_p, bwd_n)
+        pk, pv, lse_p, delta_p, gate = prompt.k, prompt.v, prompt.lse, prompt.delta, prompt.gate
+        gate_stride = 0 if gate.numel() == 1 else 1
+        dpk = torch.empty((bsz, seq_p, heads_kv, dim), dtype=pk.dtype, device=q.device)
+        dpv = torch.empty((bsz, seq_p, heads_kv, dim), dtype=pv.dtype, device=q.device)
+        pk_strides, pv_strides = batch_strides(pk, bsz), batch_strides(pv, bsz)
+        dpk_strides, dpv_strides = _strides3(dpk), _strides3(dpv)
+    ks = kv_start if kv_start is not None else lse
+    common = dict(CAUSAL=causal, HAS_KV_START=kv_start is not None, HAS_PROMPT=prompt is not None,
+                  GATE_TANH=prompt is not None and prompt.gate_tanh, HEAD_DIM=dim, PRECISION=_precision(q.dtype),
+                  num_warps=warps, num_stages=stages)
+    _attn_bwd_dkdv[(main_blocks + prompt_blocks, bsz * heads_kv)](
+        q, k, v, dout, lse, delta, dk, dv, ks, pk, pv, dpk, dpv, lse_p, delta_p, gate,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dk), *_strides3(dv),
+        *pk_strides, *pv_strides, *dpk_strides, *dpv_strides,
+        heads, heads_kv, heads // heads_kv, seq_q, seq_k, seq_p, main_blocks, gate_stride, scale,
         BLOCK_M=bwd_m, BLOCK_N=bwd_n, **common,
     )
     _attn_bwd_dq[(triton.cdiv(seq_q, bwd_n), bsz * heads)](
-        q, keys, values, dout, lse, delta, dq_out, ks,
-        *_strides3(q), *kv_strides, *_strides3(dout), *_strides3(dq_out),
-        heads, heads // heads_kv, seq_q, seq, scale,
+        q, k, v, dout, lse, delta, dq, ks, pk, pv, lse_p, delta_p, gate,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dq), *pk_strides, *pv_strides,
+        heads, heads // heads_kv, seq_q, seq_k, seq_p, gate_stride, scale,
         BLOCK_M=bwd_n, BLOCK_N=bwd_m, **common,
     )
-    return dk, dv
+    if prompt is None:
+        return dq, dk, dv
+    return dq, dk, dv, dpk, dpv
 
 
 def check_head_dim(dim: int) -> None:

@@ -4,12 +4,13 @@ Forward: ONE kernel, the attention forward `_attn_fwd` with HAS_PROMPT: each pro
 batch x head) runs the main-segment online softmax and, with a state of its own, the prompt segment,
 adds g_h times the normalised prompt term and writes the output once, with both row log-sum-exps.
 
-Backward: `_gated_bwd_preprocess` recomputes the prompt term from its lse (the prompt is short: one key
-tile) and writes, per query row, delta_main =
+Backward: the same three launches as plain attention. `_gated_bwd_preprocess` recomputes the prompt term
+from its lse (the prompt is short: one key tile) and writes, per query row, delta_main =
 rowsum(dO * O_main), delta_prompt = g rowsum(dO * O_prompt) and rowsum(dO * O_prompt) (for the gate
-gradient). Then the plain attention backward kernels run once per segment: the main segment with dO, the
-prompt segment (no mask) with g dO. A shared prompt (batch 1) is read with batch stride 0 and its
-gradients summed over the batch.
+gradient). Then the attention backward kernels run with the prompt as a second segment: the prompt's key
+blocks are extra programs of the dk/dv launch (no mask, dO scaled by g_h), and the dq kernel adds the
+prompt term after the main one and writes dq once. A shared prompt (batch 1) is read with batch stride 0
+and its gradients summed over the batch.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from mmkernels.kernels.attention import (
     _gate,
     _precision,
     _strides3,
+    PromptGrad,
+    backward_kernels,
     batch_strides,
-    segment_backward,
 )
 
 
@@ -115,6 +117,8 @@ def gated_attention_bwd(
 ):
     """Returns (dq, dk, dv, d_prompt_k, d_prompt_v, d_gate), each shaped like its input."""
     bsz, seq_q, heads, dim = q.shape
+    if q.numel() == 0:
+        return tuple(torch.zeros_like(t) for t in (q, k, v, prompt_k, prompt_v, gate))
     seq_p, group = prompt_k.shape[1], heads // k.shape[2]
     block_m, _, warps, _ = _config(dim, q.device)
     delta, delta_p, dgate_rows = (torch.empty_like(lse) for _ in range(3))
@@ -127,19 +131,14 @@ def gated_attention_bwd(
         GATE_TANH=gate_tanh, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_P=_prompt_block(seq_p), PRECISION=_precision(q.dtype),
         num_warps=warps,
     )
-    g = torch.tanh(gate.float()) if gate_tanh else gate.float()
-    dout_p = (dout.float() * g.view(1, 1, -1, 1)).to(dout.dtype)
-
-    dq_main = torch.empty((bsz, seq_q, heads, dim), dtype=torch.float32, device=q.device)
-    dq_prompt = torch.empty_like(dq_main)
-    dk, dv = segment_backward(q, k, v, dout, lse, delta, kv_start, causal, scale, dq_main)
-    dpk, dpv = segment_backward(q, prompt_k, prompt_v, dout_p, lse_p, delta_p, None, False, scale, dq_prompt)
+    prompt = PromptGrad(prompt_k, prompt_v, lse_p, delta_p, gate, gate_tanh)
+    dq, dk, dv, dpk, dpv = backward_kernels(q, k, v, dout, lse, delta, kv_start, causal, scale, prompt)
     if prompt_k.shape[0] == 1 and bsz > 1:
         dpk, dpv = dpk.float().sum(0, keepdim=True), dpv.float().sum(0, keepdim=True)
     dgate = dgate_rows.sum(dim=(0, 2))  # (H,)
     if gate_tanh:
-        dgate = dgate * (1 - g * g)
+        dgate = dgate * (1 - torch.tanh(gate.float()) ** 2)
     if gate.numel() == 1:
         dgate = dgate.sum().view(gate.shape)
-    return ((dq_main + dq_prompt).to(q.dtype), dk, dv, dpk.to(prompt_k.dtype), dpv.to(prompt_v.dtype),
+    return (dq, dk, dv, dpk.to(prompt_k.dtype), dpv.to(prompt_v.dtype),
             dgate.to(gate.dtype))
