@@ -6,6 +6,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -97,17 +99,132 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
   return {dh, dw};
 }
 
+void check_decode_operand(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), name, ": expected device ", q.device(), ", got ", t.device());
+  TORCH_CHECK(t.dim() == 4, name, ": expected 4 dimensions, got ", t.dim());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, ": expected dtype ", q.scalar_type(), " (that of q), got ",
+              t.scalar_type());
+  TORCH_CHECK(t.stride(3) == 1, name, ": expected the last dim contiguous (stride 1), got stride ",
+              t.stride(3));
+}
+
+void copy_strides(const at::Tensor& t, int64_t (&dst)[3], bool shared_batch = false) {
+  dst[0] = shared_batch ? 0 : t.stride(0);
+  dst[1] = t.stride(1);
+  dst[2] = t.stride(2);
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& prompt_k, const std::optional<at::Tensor>& prompt_v,
+                            const std::optional<at::Tensor>& gate, const std::optional<at::Tensor>& kv_start,
+                            double scale, bool gate_tanh) {
+  TORCH_CHECK(q.is_cuda(), "q: expected a CUDA tensor, got device ", q.device());
+  TORCH_CHECK(q.dim() == 4, "q: expected 4 dimensions (B, T, H, D), got ", q.dim());
+  const mmk::Dtype dtype = to_mmk(q, "q");
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3);
+  TORCH_CHECK(mmk::decode_attention_supports_head_dim(static_cast<int>(D)),
+              "q: expected head dim 64 or 128 for the CUDA decode_attention kernel, got ", D);
+  TORCH_CHECK(T >= 1 && T <= 16, "q: expected 1 to 16 new queries (dim 1), got T=", T);
+  TORCH_CHECK(q.stride(3) == 1, "q: expected the last dim contiguous (stride 1), got stride ", q.stride(3));
+  check_decode_operand(k, "k", q);
+  const int64_t S = k.size(1), H_kv = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && H_kv >= 1 && H % H_kv == 0, "k: expected shape (", B, ", S, H_kv, ",
+              D, ") with H_kv dividing H=", H, ", got ", k.sizes());
+  TORCH_CHECK(S < (int64_t{1} << 30), "k: expected fewer than 2^30 keys, got S=", S);
+  check_decode_operand(v, "v", q);
+  TORCH_CHECK(v.sizes() == k.sizes(), "v: expected the shape of k ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(B * H_kv <= INT32_MAX && B * T * H <= INT32_MAX, "q: batch x heads too large, got shape ", q.sizes());
+
+  const int given = prompt_k.has_value() + prompt_v.has_value() + gate.has_value();
+  TORCH_CHECK(given == 0 || given == 3, "prompt_k, prompt_v, gate: expected all three or none, got ", given,
+              " of them");
+  const bool has_prompt = given == 3;
+  int64_t L_p = 0, gate_size = 0;
+  at::Tensor gate_f;
+  if (has_prompt) {
+    check_decode_operand(*prompt_k, "prompt_k", q);
+    const int64_t BP = prompt_k->size(0);
+    L_p = prompt_k->size(1);
+    TORCH_CHECK((BP == 1 || BP == B) && L_p >= 1 && L_p <= 128 && prompt_k->size(2) == H_kv && prompt_k->size(3) == D,
+                "prompt_k: expected shape (1 or ", B, ", L_p in 1..128, ", H_kv, ", ", D, "), got ", prompt_k->sizes());
+    check_decode_operand(*prompt_v, "prompt_v", q);
+    TORCH_CHECK(prompt_v->sizes() == prompt_k->sizes(), "prompt_v: expected the shape of prompt_k ",
+                prompt_k->sizes(), ", got ", prompt_v->sizes());
+    TORCH_CHECK(gate->is_cuda() && gate->device() == q.device(), "gate: expected device ", q.device(), ", got ",
+                gate->device());
+    TORCH_CHECK(gate->dim() == 1 && (gate->size(0) == H || gate->size(0) == 1), "gate: expected shape (", H,
+                ") or (1), got ", gate->sizes());
+    TORCH_CHECK(gate->scalar_type() == at::kFloat, "gate: expected dtype float32, got ", gate->scalar_type());
+    gate_f = gate->contiguous();
+    gate_size = gate_f.size(0);
+  }
+  at::Tensor starts;
+  if (kv_start.has_value()) {
+    TORCH_CHECK(kv_start->is_cuda() && kv_start->device() == q.device(), "kv_start: expected device ", q.device(),
+                ", got ", kv_start->device());
+    TORCH_CHECK(kv_start->scalar_type() == at::kInt, "kv_start: expected dtype int32, got ", kv_start->scalar_type());
+    TORCH_CHECK(kv_start->dim() == 1 && kv_start->size(0) == B, "kv_start: expected shape (", B, "), got ",
+                kv_start->sizes());
+    starts = kv_start->contiguous();
+  }
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, "scale: expected a positive finite float, got ", scale);
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto out = at::empty({B, T, H, D}, q.options());
+  if (out.numel() == 0) return out;
+  const int splits = mmk::decode_attention_splits(static_cast<int>(B), static_cast<int>(T), static_cast<int>(H),
+                                                  static_cast<int>(H_kv), static_cast<int>(S), q.get_device());
+  const int64_t parts = splits + (has_prompt ? 1 : 0);
+  auto o_ws = at::empty({parts, B * T * H, D}, q.options().dtype(at::kFloat));
+  auto lse_ws = at::empty({parts, B * T * H}, q.options().dtype(at::kFloat));
+
+  mmk::DecodeAttentionArgs a{};
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  copy_strides(q, a.q_strides);
+  copy_strides(k, a.k_strides);
+  copy_strides(v, a.v_strides);
+  if (has_prompt) {
+    a.pk = prompt_k->data_ptr();
+    a.pv = prompt_v->data_ptr();
+    a.gate = gate_f.data_ptr<float>();
+    copy_strides(*prompt_k, a.pk_strides, prompt_k->size(0) == 1);
+    copy_strides(*prompt_v, a.pv_strides, prompt_v->size(0) == 1);
+  }
+  a.kv_start = kv_start.has_value() ? starts.data_ptr<int32_t>() : nullptr;
+  a.out = out.data_ptr();
+  a.o_workspace = o_ws.data_ptr<float>();
+  a.lse_workspace = lse_ws.data_ptr<float>();
+  a.B = static_cast<int>(B);
+  a.T = static_cast<int>(T);
+  a.H = static_cast<int>(H);
+  a.H_kv = static_cast<int>(H_kv);
+  a.S = static_cast<int>(S);
+  a.L_p = static_cast<int>(L_p);
+  a.D = static_cast<int>(D);
+  a.gate_size = static_cast<int>(gate_size);
+  a.num_splits = splits;
+  a.scale = static_cast<float>(scale);
+  a.gate_tanh = gate_tanh;
+  check_launch(mmk::decode_attention(dtype, a, c10::cuda::getCurrentCUDAStream()), "decode_attention");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mmkernels_C, m) {
   m.def("rms_norm_fwd(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("rms_norm_bwd(Tensor dy, Tensor h, Tensor weight, Tensor rstd, Tensor? dh_extra) -> (Tensor, Tensor)");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? prompt_k, Tensor? prompt_v, Tensor? gate, "
+        "Tensor? kv_start, float scale, bool gate_tanh) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mmkernels_C, CUDA, m) {
   m.impl("rms_norm_fwd", &rms_norm_fwd);
   m.impl("rms_norm_bwd", &rms_norm_bwd);
+  m.impl("decode_attention", &decode_attention);
 }
 
 // Importing mmkernels._C loads this library and with it the registrations above.
-PYBIND11_MODULE(_C, m) { m.attr("kernels") = pybind11::make_tuple("rms_norm_fwd", "rms_norm_bwd"); }
+PYBIND11_MODULE(_C, m) { m.attr("kernels") = pybind11::make_tuple("rms_norm_fwd", "rms_norm_bwd", "decode_attention"); }

@@ -27,4 +27,40 @@ cudaError_t rms_norm_bwd(Dtype dtype, Dtype wdtype, const void* dy, const void* 
                          const float* rstd, const void* dh_extra, void* dh, float* dw_partial, void* dw,
                          int64_t m, int n, int blocks, cudaStream_t stream);
 
+// Decode attention (flash-decoding): q (B, T, H, D) against k, v (B, S, H_kv, D), causal bottom-right
+// aligned (query t sees keys kv_start[b] <= j <= S - T + t; a row seeing none gets 0), plus, when pk != null,
+// g_h * softmax(q pk^T scale) pv over a prompt (BP, L_p, H_kv, D) with g = tanh(gate) | gate.
+// Strides in elements for dims (batch, seq/time, head); the last dim is contiguous. A prompt shared by the
+// batch (BP = 1) has batch stride 0. Output: (B, T, H, D) contiguous of `dtype`.
+struct DecodeAttentionArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* pk;           // null: no prompt segment (pv and gate are then ignored)
+  const void* pv;
+  const float* gate;        // (gate_size,) fp32, gate_size 1 (all heads) or H
+  const int32_t* kv_start;  // (B,) or null
+  void* out;
+  float* o_workspace;       // (num_splits + has_prompt) * B * T * H * D floats
+  float* lse_workspace;     // (num_splits + has_prompt) * B * T * H floats
+  int64_t q_strides[3];
+  int64_t k_strides[3];
+  int64_t v_strides[3];
+  int64_t pk_strides[3];
+  int64_t pv_strides[3];
+  int B, T, H, H_kv, S, L_p, D, gate_size;
+  int num_splits;  // from decode_attention_splits
+  float scale;
+  bool gate_tanh;
+};
+
+// Head dims the decode kernel is compiled for (64, 128).
+bool decode_attention_supports_head_dim(int D);
+
+// Number of main key splits for this shape on `device` (sizes the workspaces): about 4 CTAs per SM,
+// chunks of at least 128 keys, at most 64 splits.
+int decode_attention_splits(int B, int T, int H, int H_kv, int S, int device);
+
+cudaError_t decode_attention(Dtype dtype, const DecodeAttentionArgs& args, cudaStream_t stream);
+
 }  // namespace mmk

@@ -108,3 +108,29 @@ def test_cuda_rms_norm_errors():
         torch.ops.mmkernels_C.rms_norm_fwd(x, None, torch.ones(7, device="cuda"), 1e-6)
     with pytest.raises(RuntimeError, match="x: expected a contiguous tensor"):
         torch.ops.mmkernels_C.rms_norm_fwd(x.t(), None, torch.ones(4, device="cuda"), 1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_ext(), reason="mmkernels._C is not built")
+def test_cuda_decode_attention_errors():
+    op = torch.ops.mmkernels_C.decode_attention
+    q, kv = torch.randn(2, 1, 4, 64, device="cuda"), torch.randn(2, 9, 2, 64, device="cuda")
+    with pytest.raises(RuntimeError, match="q: expected head dim 64 or 128 for the CUDA decode_attention kernel, got 48"):
+        op(q[..., :48], kv[..., :48], kv[..., :48], None, None, None, None, 0.125, True)
+    with pytest.raises(RuntimeError, match="q: expected 1 to 16 new queries"):
+        op(torch.randn(2, 17, 4, 64, device="cuda"), kv, kv, None, None, None, None, 0.125, True)
+    with pytest.raises(RuntimeError, match="k: expected the last dim contiguous"):
+        op(q, kv.transpose(1, 3).contiguous().transpose(1, 3), kv, None, None, None, None, 0.125, True)
+    with pytest.raises(RuntimeError, match=r"v: expected dtype Half \(that of q\)"):
+        op(q.half(), kv.half(), kv, None, None, None, None, 0.125, True)
+    with pytest.raises(RuntimeError, match="prompt_k, prompt_v, gate: expected all three or none, got 1"):
+        op(q, kv, kv, kv[:1, :3], None, None, None, 0.125, True)
+    pk = kv[:1, :3]
+    with pytest.raises(RuntimeError, match=r"gate: expected shape \(4\) or \(1\), got \[3\]"):
+        op(q, kv, kv, pk, pk, torch.zeros(3, device="cuda"), None, 0.125, True)
+    with pytest.raises(RuntimeError, match="gate: expected dtype float32"):
+        op(q, kv, kv, pk, pk, torch.zeros(4, device="cuda", dtype=torch.float16), None, 0.125, True)
+    with pytest.raises(RuntimeError, match="kv_start: expected dtype int32"):
+        op(q, kv, kv, None, None, None, torch.zeros(2, device="cuda", dtype=torch.int64), 0.125, True)
+    with pytest.raises(RuntimeError, match=r"kv_start: expected shape \(2\), got \[3\]"):
+        op(q, kv, kv, None, None, None, torch.zeros(3, device="cuda", dtype=torch.int32), 0.125, True)

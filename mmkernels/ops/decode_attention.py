@@ -90,7 +90,7 @@ def decode_attention(
         raise ValueError(f"prompt_k, prompt_v, gate: give all three or none, got only {given}")
     if prompt_k is not None:
         gate = validate_prompt(q, k, prompt_k, prompt_v, gate, gate_fn)
-        prompt_k, prompt_v, gate = _unit_last(prompt_k), _unit_last(prompt_v), gate.contiguous()
+        prompt_k, prompt_v, gate = _unit_last(prompt_k), _unit_last(prompt_v), gate.float().contiguous()
 
     impl = backend.select(OP, q.device)
     if impl == "cuda" and backend.forced_backend() is None and not _cuda_kernel_serves(q):
