@@ -3,6 +3,7 @@
     mmkernels info                      versions, device, the compiled extension, the backend of each op
     mmkernels generate [--model DIR]    text generation; with no model, a tiny built-in LLaMA
     mmkernels bench OP [args...]        run benchmarks/bench_OP.py from a source checkout
+    mmkernels params [--preset llama-7b] trainable parameters of a method on a model (built on the meta device)
 """
 
 from __future__ import annotations
@@ -62,6 +63,50 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, str(script), *args.rest])
 
 
+PRESETS = {
+    "llama-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32),
+    "llama-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                      num_attention_heads=40),
+    "tiny": None,
+}
+
+
+def _cmd_params(args: argparse.Namespace) -> int:
+    import torch
+
+    from mmkernels.methods import llama_adapter
+    from mmkernels.models import Llama, LlamaConfig
+
+    if args.model:
+        config = LlamaConfig.from_json(args.model)
+        source = args.model
+    else:
+        preset = PRESETS[args.preset]
+        config = LlamaConfig.tiny() if preset is None else LlamaConfig(**preset)
+        source = f"preset {args.preset}"
+    targets = None
+    if args.bias_scale_targets == "all":
+        targets = llama_adapter.BIAS_SCALE_TARGETS
+    elif args.bias_scale_targets not in (None, "default"):
+        targets = tuple(t for t in args.bias_scale_targets.split(",") if t)
+    cfg = llama_adapter.LlamaAdapterConfig(version=args.version, prompt_len=args.prompt_len,
+                                           prompt_layers=args.prompt_layers, bias_scale_targets=targets)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = Llama(config)
+    llama_adapter.apply(model, cfg)
+    counts = llama_adapter.count_parameters(model)
+    base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    print(f"LLaMA-Adapter V{cfg.version} on {source} ({config.num_hidden_layers} layers, hidden "
+          f"{config.hidden_size}): prompt_len={cfg.prompt_len}, prompt_layers={cfg.prompt_layers or 'all'}, "
+          f"bias/scale on {list(cfg.bias_scale_targets) or 'nothing'}, train_norms={cfg.train_norms}")
+    for name in llama_adapter.TASKS:
+        print(f"  {name:<12} {counts[name]:>14,}")
+    print(f"  {'trainable':<12} {counts['total']:>14,}")
+    print(f"  {'frozen':<12} {base:>14,}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmkernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,11 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("op", help="rms_norm, swiglu, rope, attention, ...")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the script")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("params", help="count a method's trainable parameters on a model config (no weights)")
+    p.add_argument("--method", default="llama_adapter", choices=["llama_adapter"], help="the method")
+    p.add_argument("--model", default=None, help="a directory with a HF config.json (overrides --preset)")
+    p.add_argument("--preset", default="llama-7b", choices=sorted(PRESETS), help="a built-in model shape")
+    p.add_argument("--version", type=int, default=1, choices=[1, 2], help="LLaMA-Adapter version")
+    p.add_argument("--prompt-len", type=int, default=10)
+    p.add_argument("--prompt-layers", type=int, default=30, help="adapter layers from the top (0: all)")
+    p.add_argument("--bias-scale-targets", default=None,
+                   help="'default' (V1: none, V2: the block linears), 'all' (+ lm_head), or a comma list")
+    p.set_defaults(func=_cmd_params)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "prompt_layers", None) == 0:
+        args.prompt_layers = None
     return int(args.func(args) or 0)
 
 

@@ -1,3 +1,5 @@
+import json
+import re
 import subprocess
 import sys
 
@@ -47,3 +49,19 @@ def test_generate_bad_arguments(flag, value, message):
 def test_bench_unknown_op():
     res = _run("bench", "no_such_op")
     assert res.returncode == 2 and "no benchmark 'no_such_op'" in res.stderr
+
+
+def test_params_prints_the_llama_adapter_counts_of_methods_md(capsys):
+    assert cli.main(["params"]) == 0  # V1 on the LLaMA-7B shape, last 30 layers, L_p = 10
+    assert re.search(r"trainable +1,229,760\n", capsys.readouterr().out)
+    assert cli.main(["params", "--version", "2", "--bias-scale-targets", "all"]) == 0
+    assert re.search(r"trainable +4,279,744\n", capsys.readouterr().out)
+
+
+def test_params_reads_a_model_config(tmp_path, capsys):
+    from mmkernels.models import LlamaConfig
+
+    (tmp_path / "config.json").write_text(json.dumps(LlamaConfig.tiny().to_hf_dict()))
+    assert cli.main(["params", "--model", str(tmp_path), "--prompt-layers", "0", "--prompt-len", "4"]) == 0
+    # 2 layers x (4 prompt tokens x 128 + 4 gates)
+    assert re.search(r"trainable +1,032\n", capsys.readouterr().out)
