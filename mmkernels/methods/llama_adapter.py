@@ -25,13 +25,13 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 from mmkernels import _checks
+from mmkernels.methods import _adapter_io
 from mmkernels.models.kv_cache import KVCache
 from mmkernels.models.llama import Attention, Llama, PromptSegment
 from mmkernels.models.vision import VisualProjection
@@ -41,7 +41,6 @@ ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 BIAS_SCALE_TARGETS = ATTENTION_LINEARS + MLP_LINEARS + ("lm_head",)
 TASKS = ("image_text", "instruction")
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
 
 @dataclasses.dataclass
@@ -275,72 +274,27 @@ def merge(model: Llama) -> Llama:
     return model
 
 
-def _atomic_write(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_adapter(model: Llama, path: str) -> None:
     """Write the adapter alone: `adapter_model.safetensors` (its parameters, fp32 as trained) and
     `adapter_config.json`, each atomically."""
-    from safetensors.torch import save_file
-
     cfg = _require_adapter(model)
     if getattr(model, "adapter_merged", False):
         raise ValueError("model: the adapter was merged into the weights; save the model instead")
-    os.makedirs(path, exist_ok=True)
-    tensors = {name: p.detach().contiguous().cpu() for name, p in adapter_parameters(model).items()}
-    _atomic_write(os.path.join(path, WEIGHTS_FILE), lambda tmp: save_file(tensors, tmp))
-    meta = {"method": "llama_adapter", **cfg.to_dict()}
-
-    def write_json(tmp):
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(meta, fh, indent=2)
-
-    _atomic_write(os.path.join(path, CONFIG_FILE), write_json)
+    _adapter_io.save(path, "llama_adapter", cfg.to_dict(), adapter_parameters(model))
 
 
 def load_adapter(model: Llama, path: str) -> Llama:
     """Apply the saved config to a base model (or check it matches the one applied) and load the weights.
     Every saved tensor must match a parameter by name and shape, and every adapter parameter be saved."""
-    from safetensors.torch import load_file
-
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not os.path.exists(os.path.join(path, name)):
-            raise FileNotFoundError(f"path: no {name} in {path}")
-    with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as fh:
-        raw = json.load(fh)
-    if raw.pop("method", None) != "llama_adapter":
-        raise ValueError(f"path: {path} does not hold a llama_adapter adapter")
+    raw, tensors = _adapter_io.read(path, "llama_adapter")
     cfg = LlamaAdapterConfig.from_dict(raw)
     current = getattr(model, "adapter_config", None)
     if current is None:
         apply(model, cfg)
     elif current != cfg:
         raise ValueError(f"model: the applied adapter config {current} differs from the saved {cfg}")
-    load_adapter_tensors(model, load_file(os.path.join(path, WEIGHTS_FILE)))
+    _adapter_io.load_tensors(adapter_parameters(model), tensors)
     return model
-
-
-@torch.no_grad()
-def load_adapter_tensors(model: Llama, tensors: Dict[str, torch.Tensor]) -> None:
-    params = adapter_parameters(model)
-    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-    if missing or unexpected:
-        raise ValueError(f"adapter weights: missing {missing[:8]}, unexpected {unexpected[:8]}")
-    for name, p in params.items():
-        if tuple(tensors[name].shape) != tuple(p.shape):
-            raise ValueError(f"adapter weights: {name} has shape {tuple(tensors[name].shape)}, "
-                             f"expected {tuple(p.shape)}")
-        p.copy_(tensors[name])
 
 
 def encode_images(model: Llama, vision_tower: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -365,7 +319,8 @@ def from_peft(model: Llama, source, adapter_name: str = "default") -> Llama:
     if isinstance(source, (str, os.PathLike)):
         from safetensors.torch import load_file
 
-        config_path, weights_path = (os.path.join(source, n) for n in ("adapter_config.json", WEIGHTS_FILE))
+        config_path, weights_path = (os.path.join(source, n) for n in (_adapter_io.CONFIG_FILE,
+                                                                        _adapter_io.WEIGHTS_FILE))
         for p in (config_path, weights_path):
             if not os.path.exists(p):
                 raise FileNotFoundError(f"source: no {os.path.basename(p)} in {source}")
@@ -394,5 +349,5 @@ def from_peft(model: Llama, source, adapter_name: str = "default") -> Llama:
         layer, what = match.groups()
         tensors[f"layers.{layer}.self_attn.prompt.{what}"] = value[0] if what == "prompt" else value
     apply(model, cfg)
-    load_adapter_tensors(model, tensors)
+    _adapter_io.load_tensors(adapter_parameters(model), tensors)
     return model
