@@ -1,6 +1,7 @@
 """Drop-in nn.Modules built on mmkernels.ops."""
 
+from mmkernels.nn.lora_linear import LoRALinear
 from mmkernels.nn.rms_norm import RMSNorm
 from mmkernels.nn.scale_bias_linear import ScaleBiasLinear
 
-__all__ = ["RMSNorm", "ScaleBiasLinear"]
+__all__ = ["LoRALinear", "RMSNorm", "ScaleBiasLinear"]
