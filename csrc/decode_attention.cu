@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "mmk_device.cuh"
 #include "mmkernels_kernels.h"
 
 namespace mmk {
@@ -38,28 +39,10 @@ constexpr int kMaxSplits = 64;
 constexpr int kMaxRowsPerCta = 8;
 constexpr float kLog2e = 1.4426950408889634f;
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
 // N consecutive elements at p as floats, read as one vector when N > 1 (the caller guarantees alignment).
 template <typename T, int N>
 __device__ __forceinline__ void load_floats(const T* p, float (&out)[N]) {
-  const Pack<T, N> pack = *reinterpret_cast<const Pack<T, N>*>(p);
+  const Pack<T, N> pack = load_pack<T, N>(p);
 #pragma unroll
   for (int e = 0; e < N; ++e) out[e] = to_float(pack.v[e]);
 }
@@ -314,7 +297,7 @@ __global__ void __launch_bounds__(kThreads)
   Pack<T, DPL> pack;
 #pragma unroll
   for (int e = 0; e < DPL; ++e) pack.v[e] = from_float<T>(acc[e]);
-  *reinterpret_cast<Pack<T, DPL>*>(out + row * D + dim0) = pack;
+  store_pack<T, DPL>(out + row * D + dim0, pack);
 }
 
 int rows_per_cta(int rows) {

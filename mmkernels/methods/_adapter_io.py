@@ -5,27 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Callable, Dict, Tuple
 
 import torch
 from torch import nn
 
+from mmkernels.models.loading import atomic_write
+
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """write(tmp) into a temporary file beside `path`, then rename it over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save(path: str, method: str, config: Dict[str, Any], params: Dict[str, torch.Tensor]) -> None:
@@ -57,6 +44,21 @@ def read(path: str, method: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor
     return raw, load_file(os.path.join(path, WEIGHTS_FILE))
 
 
+def load(model: nn.Module, path: str, method: str, config_cls, config_attr: str,
+         apply: Callable[[nn.Module, Any], Any], parameters: Callable[[nn.Module], Dict[str, nn.Parameter]]):
+    """A method's load_adapter: apply the saved config to a base model (or check that the config already
+    applied, model.<config_attr>, equals it), then load the weights strictly."""
+    raw, tensors = read(path, method)
+    cfg = config_cls.from_dict(raw)
+    current = getattr(model, config_attr, None)
+    if current is None:
+        apply(model, cfg)
+    elif current != cfg:
+        raise ValueError(f"model: the applied {method} config {current} differs from the saved {cfg}")
+    load_tensors(parameters(model), tensors)
+    return model
+
+
 @torch.no_grad()
 def load_tensors(params: Dict[str, nn.Parameter], tensors: Dict[str, torch.Tensor]) -> None:
     """Copy tensors into params by name; every name must match both ways, with equal shapes."""
@@ -68,3 +70,21 @@ def load_tensors(params: Dict[str, nn.Parameter], tensors: Dict[str, torch.Tenso
             raise ValueError(f"adapter weights: {name} has shape {tuple(tensors[name].shape)}, "
                              f"expected {tuple(p.shape)}")
         p.copy_(tensors[name])
+
+
+def read_peft(source, adapter_name: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """(PEFT config dict, PEFT adapter state dict) of a PeftModel's adapter `adapter_name`, or of a
+    directory written by PeftModel.save_pretrained (adapter_config.json + adapter_model.safetensors)."""
+    if isinstance(source, (str, os.PathLike)):
+        from safetensors.torch import load_file
+
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not os.path.exists(os.path.join(source, name)):
+                raise FileNotFoundError(f"source: no {name} in {source}")
+        with open(os.path.join(source, CONFIG_FILE), encoding="utf-8") as fh:
+            return json.load(fh), load_file(os.path.join(source, WEIGHTS_FILE))
+    from peft import get_peft_model_state_dict
+
+    if adapter_name not in getattr(source, "peft_config", {}):
+        raise ValueError(f"adapter_name: {adapter_name!r} is not an adapter of the given PEFT model")
+    return source.peft_config[adapter_name].to_dict(), get_peft_model_state_dict(source, adapter_name=adapter_name)

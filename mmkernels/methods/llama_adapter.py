@@ -22,8 +22,6 @@ KV cache), never per decode step.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
 from typing import Any, Dict, Optional, Tuple
 
@@ -286,15 +284,8 @@ def save_adapter(model: Llama, path: str) -> None:
 def load_adapter(model: Llama, path: str) -> Llama:
     """Apply the saved config to a base model (or check it matches the one applied) and load the weights.
     Every saved tensor must match a parameter by name and shape, and every adapter parameter be saved."""
-    raw, tensors = _adapter_io.read(path, "llama_adapter")
-    cfg = LlamaAdapterConfig.from_dict(raw)
-    current = getattr(model, "adapter_config", None)
-    if current is None:
-        apply(model, cfg)
-    elif current != cfg:
-        raise ValueError(f"model: the applied adapter config {current} differs from the saved {cfg}")
-    _adapter_io.load_tensors(adapter_parameters(model), tensors)
-    return model
+    return _adapter_io.load(model, path, "llama_adapter", LlamaAdapterConfig, "adapter_config", apply,
+                            adapter_parameters)
 
 
 def encode_images(model: Llama, vision_tower: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -316,24 +307,7 @@ def from_peft(model: Llama, source, adapter_name: str = "default") -> Llama:
     the config becomes LlamaAdapterConfig(version=1, prompt_len=adapter_len, prompt_layers=adapter_layers,
     gate_fn="raw", gate_per_head=False), and the outputs match PEFT's.
     """
-    if isinstance(source, (str, os.PathLike)):
-        from safetensors.torch import load_file
-
-        config_path, weights_path = (os.path.join(source, n) for n in (_adapter_io.CONFIG_FILE,
-                                                                        _adapter_io.WEIGHTS_FILE))
-        for p in (config_path, weights_path):
-            if not os.path.exists(p):
-                raise FileNotFoundError(f"source: no {os.path.basename(p)} in {source}")
-        with open(config_path, encoding="utf-8") as fh:
-            peft_cfg = json.load(fh)
-        state = load_file(weights_path)
-    else:
-        from peft import get_peft_model_state_dict
-
-        if adapter_name not in getattr(source, "peft_config", {}):
-            raise ValueError(f"adapter_name: {adapter_name!r} is not an adapter of the given PEFT model")
-        peft_cfg = source.peft_config[adapter_name].to_dict()
-        state = get_peft_model_state_dict(source, adapter_name=adapter_name)
+    peft_cfg, state = _adapter_io.read_peft(source, adapter_name)
     kind = str(peft_cfg.get("peft_type", ""))
     if not kind.endswith("ADAPTION_PROMPT"):
         raise ValueError(f"source: expected a PEFT AdaptionPrompt adapter, got peft_type {kind!r}")

@@ -9,8 +9,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
 from typing import Any, Dict, Tuple
 
@@ -109,15 +107,8 @@ def save_adapter(model: Llama, path: str) -> None:
 
 
 def load_adapter(model: Llama, path: str) -> Llama:
-    raw, tensors = _adapter_io.read(path, "lora")
-    cfg = LoRAConfig.from_dict(raw)
-    current = getattr(model, "lora_config", None)
-    if current is None:
-        apply(model, cfg)
-    elif current != cfg:
-        raise ValueError(f"model: the applied LoRA config {current} differs from the saved {cfg}")
-    _adapter_io.load_tensors(adapter_parameters(model), tensors)
-    return model
+    """Apply the saved config to a base model (or check it matches the one applied) and load A and B."""
+    return _adapter_io.load(model, path, "lora", LoRAConfig, "lora_config", apply, adapter_parameters)
 
 
 _PEFT_KEY = re.compile(r"(?:^|\.)(layers\.\d+\.(?:self_attn|mlp)\.\w+)\.(lora_A|lora_B)(?:\.\w+)?\.weight$")
@@ -127,24 +118,7 @@ def from_peft(model: Llama, source, adapter_name: str = "default") -> Llama:
     """Install HF PEFT LoRA weights (a PeftModel, or a directory written by its save_pretrained) into an
     mmkernels Llama loaded from the same base checkpoint. Supported: target modules among TARGETS,
     bias="none", no rsLoRA/DoRA, one rank and alpha for all layers."""
-    if isinstance(source, (str, os.PathLike)):
-        from safetensors.torch import load_file
-
-        config_path = os.path.join(source, _adapter_io.CONFIG_FILE)
-        weights_path = os.path.join(source, _adapter_io.WEIGHTS_FILE)
-        for p in (config_path, weights_path):
-            if not os.path.exists(p):
-                raise FileNotFoundError(f"source: no {os.path.basename(p)} in {source}")
-        with open(config_path, encoding="utf-8") as fh:
-            peft_cfg = json.load(fh)
-        state = load_file(weights_path)
-    else:
-        from peft import get_peft_model_state_dict
-
-        if adapter_name not in getattr(source, "peft_config", {}):
-            raise ValueError(f"adapter_name: {adapter_name!r} is not an adapter of the given PEFT model")
-        peft_cfg = source.peft_config[adapter_name].to_dict()
-        state = get_peft_model_state_dict(source, adapter_name=adapter_name)
+    peft_cfg, state = _adapter_io.read_peft(source, adapter_name)
     kind = str(peft_cfg.get("peft_type", ""))
     if not kind.endswith("LORA"):
         raise ValueError(f"source: expected a PEFT LoRA adapter, got peft_type {kind!r}")

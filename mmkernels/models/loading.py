@@ -95,7 +95,8 @@ def load_pretrained(path: str, dtype: Optional[torch.dtype] = None, device=None)
     return model
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
+    """write(tmp) into a temporary file beside `path`, then rename it over `path`."""
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     os.close(fd)
@@ -123,7 +124,7 @@ def save_pretrained(model: Llama, path: str) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(hf_config, fh, indent=2)
 
-    _atomic_write(os.path.join(path, _SINGLE), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(os.path.join(path, _SINGLE), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     # An older sharded checkpoint here would take precedence over the new single file: remove it.
     stale_index = os.path.join(path, _INDEX)
     if os.path.exists(stale_index):
@@ -134,4 +135,4 @@ def save_pretrained(model: Llama, path: str) -> None:
             shard_path = os.path.join(path, os.path.basename(shard))
             if os.path.exists(shard_path):
                 os.unlink(shard_path)
-    _atomic_write(os.path.join(path, "config.json"), write_config)
+    atomic_write(os.path.join(path, "config.json"), write_config)
