@@ -1,0 +1,59 @@
+"""Base-weight quantization for QPaCA (reference/quantize.py): the NF4 table, nearest-level rounding, the
+packing layout and the documented error bounds of int8 and NF4."""
+
+import pytest
+import torch
+
+from mmkernels.reference import quantize as qz
+
+
+def test_nf4_levels_are_the_normal_quantiles_of_qlora():
+    """Rebuild the table from its definition: N(0,1) quantiles at 8 positive and 7 negative equally spaced
+    probabilities in [0.5, 0.9677083], plus an exact zero, scaled so the largest is 1."""
+    offset = 0.9677083
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    levels = torch.sort(torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg])).values
+    levels = levels / levels.max()
+    torch.testing.assert_close(torch.tensor(qz.NF4_LEVELS, dtype=torch.float64), levels, rtol=0, atol=2e-7)
+
+
+@pytest.mark.parametrize("shape,block", [((72, 48), 64), ((5, 6), 2), ((256, 100), 128)])
+def test_nf4_nearest_level_packing_and_bound(shape, block):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=gen) * 0.02
+    w.view(-1)[:block] = 0.0  # an all-zero block dequantizes to zeros
+    packed, absmax = qz.quantize_nf4(w, block)
+    assert packed.dtype == torch.uint8 and packed.numel() == w.numel() // 2 and absmax.numel() == w.numel() // block
+    levels = torch.tensor(qz.NF4_LEVELS)
+    normed = (w.reshape(-1, block) / absmax[:, None]).reshape(-1)
+    nearest = (normed[:, None] - levels[None, :]).abs().argmin(dim=1)
+    idx = torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1).long()  # low nibble first
+    dist = (normed - levels[idx]).abs()
+    assert torch.all(dist <= (normed - levels[nearest]).abs() + 1e-7)  # nearest (ties either way)
+    restored = qz.dequantize_nf4(packed, absmax, shape, block)
+    bound = (absmax * qz.NF4_MAX_GAP / 2).repeat_interleave(block).reshape(shape)
+    assert torch.all((restored - w).abs() <= bound * (1 + 1e-6))
+    assert torch.equal(restored.view(-1)[:block], torch.zeros(block))
+    # Quantizing what NF4 produced gives it back exactly.
+    again = qz.quantize_nf4(restored, block)
+    assert torch.equal(again[0], packed)
+
+
+def test_int8_bound_and_zero_rows():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(33, 70, generator=gen)
+    w[3] = 0.0
+    q, scale = qz.quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (33,)
+    restored = qz.dequantize_int8(q, scale)
+    assert torch.all((restored - w).abs() <= scale[:, None] / 2 * (1 + 1e-6))
+    assert torch.equal(restored[3], torch.zeros(70))
+    assert q.abs().max() == 127
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="block: expected an even block size"):
+        qz.quantize_nf4(torch.randn(8), 3)
+    with pytest.raises(ValueError, match="10 elements are not a multiple of the block size 4"):
+        qz.quantize_nf4(torch.randn(10), 4)
