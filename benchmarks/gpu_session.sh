@@ -13,6 +13,10 @@ python3 -m pytest -q -m gpu python_tests 2>&1 | tee "$out/gpu_tests.log" | tail 
 # rms_norm has two kernels (csrc and Triton): time both.
 python3 benchmarks/bench_rms_norm.py --out "$out" --providers mmkernels:cuda,mmkernels:triton,eager,compile,liger \
     2>&1 | tee "$out/bench_rms_norm.log" | tail -25
-for op in swiglu rope attention; do
+# decode_attention (inference, fwd only) has two kernels too (csrc split-KV and Triton): time both.
+python3 benchmarks/bench_decode_attention.py --out "$out" \
+    --providers mmkernels:cuda,mmkernels:triton,eager,compile,sdpa_two_pass \
+    2>&1 | tee "$out/bench_decode_attention.log" | tail -45
+for op in swiglu rope attention gated_attention llama_adapter_layer; do
     python3 "benchmarks/bench_${op}.py" --out "$out" 2>&1 | tee "$out/bench_${op}.log" | tail -25
 done

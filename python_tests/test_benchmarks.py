@@ -35,10 +35,21 @@ def _cpu_env():
     return env
 
 
-@pytest.mark.parametrize("op", ["rms_norm", "swiglu", "rope", "attention"])
+# Scripts whose op's Triton kernel module is not in the tree yet: skipped until it is (the smoke runs the
+# triton backend through the interpreter and would fail on the missing module).
+NEEDS = {"attention": REPO / "mmkernels" / "ops" / "attention.py",
+         "decode_attention": REPO / "mmkernels" / "kernels" / "decode_attention.py"}
+
+
+def _skip_if_missing(op):
+    if op in NEEDS and not NEEDS[op].exists():
+        pytest.skip(f"{NEEDS[op].relative_to(REPO)} does not exist yet")
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "swiglu", "rope", "attention", "gated_attention", "decode_attention",
+                                "llama_adapter_layer"])
 def test_script_quick_on_cpu(op, tmp_path):
-    if op == "attention" and not (REPO / "mmkernels" / "ops" / "attention.py").exists():
-        pytest.skip("mmkernels/ops/attention.py does not exist yet")
+    _skip_if_missing(op)
     out = tmp_path / "results"
     proc = subprocess.run(
         [sys.executable, str(BENCH / f"bench_{op}.py"), "--quick", "--out", str(out)],
@@ -188,6 +199,31 @@ def test_work_formulas():
     assert bench_rope.nbytes(p, "fwd", torch.bfloat16) == one
     assert bench_rope.nbytes(p, "fwd+bwd", torch.bfloat16) == 2 * one
 
+    import bench_decode_attention
+    import bench_gated_attention
+    import bench_llama_adapter_layer
+
+    g = bench_gated_attention.TARGET
+    gfwd = fwd + 4.0 * 4 * 32 * 2048 * 10 * 128  # causal main segment + the L_p=10 prompt segment
+    assert bench_gated_attention.flops(g, "fwd") == gfwd
+    assert bench_gated_attention.flops(g, "fwd+bwd") == 3.5 * gfwd
+    assert bench_gated_attention.nbytes(g, "fwd", torch.bfloat16) is None
+
+    d = bench_decode_attention.TARGET  # B=8, T=1, S=2048, L_p=10
+    cache, qo, prompt = 2 * 8 * 2048 * 8 * 128 * 2, 2 * 8 * 1 * 32 * 128 * 2, 2 * 10 * 8 * 128 * 2 + 4 * 32
+    assert bench_decode_attention.nbytes(d, "fwd", torch.bfloat16) == cache + qo + prompt
+    assert bench_decode_attention.nbytes(dict(d, L_p=0), "fwd", torch.bfloat16) == cache + qo
+    assert bench_decode_attention.flops(d, "fwd") is None
+
+    a = bench_llama_adapter_layer.TARGET
+    n = 4 * 2048
+    proj = 2.0 * n * 4096 * (4096 + 2 * 1024) + 2.0 * n * 4096 * 4096
+    attn = gfwd
+    prompt = 4.0 * 10 * 4096 * 1024
+    assert bench_llama_adapter_layer.flops(a, "fwd") == proj + attn + prompt
+    assert bench_llama_adapter_layer.flops(a, "bwd") == proj + 2.5 * attn + prompt
+    assert bench_llama_adapter_layer.flops(a, "fwd+bwd") == 2 * proj + 3.5 * attn + 2 * prompt
+
 
 def _rows_for_plot():
     rows = [runner.make_row(op="copy", provider="torch", backend=None, mode="fwd", shape={"bytes": 8},
@@ -234,14 +270,20 @@ def test_plot_script(tmp_path):
     assert (tmp_path / "plots" / "test-gpu" / "swiglu__tokens2_hidden3__bf16.png").is_file()
 
 
+# The row's `backend` on CPU, per provider (None for the others).
+CPU_BACKEND = {"mmkernels": "reference", "attention_no_prompt": "reference", "sdpa": "flash", "sdpa_no_prompt": "flash",
+               "sdpa_two_pass": "flash", "peft": "sdpa"}
+
+
 @pytest.mark.parametrize("op,providers", [("swiglu", "mmkernels,eager,liger"),
                                           ("rms_norm", "mmkernels,mmkernels:reference,eager"),
-                                          ("attention", "mmkernels,eager,sdpa")])
+                                          ("attention", "mmkernels,eager,sdpa"),
+                                          ("gated_attention",
+                                           "mmkernels,eager,attention_no_prompt,sdpa_no_prompt,sdpa_two_pass")])
 def test_timing_loop_plumbing_on_cpu(op, providers, tmp_path, monkeypatch, capsys):
     """Drives runner.main's GPU branch on CPU with tiny shapes and a fake clock (no timing happens):
     checks that every provider x mode case builds, runs and yields a well-formed row."""
-    if op == "attention" and not (REPO / "mmkernels" / "ops" / "attention.py").exists():
-        pytest.skip("mmkernels/ops/attention.py does not exist yet")
+    _skip_if_missing(op)
     import importlib
     import importlib.util
 
@@ -282,9 +324,9 @@ def test_timing_loop_plumbing_on_cpu(op, providers, tmp_path, monkeypatch, capsy
     assert [r["mode"] for r in op_rows] == list(runner.MODES) * len(expect)
     for r in op_rows:
         assert list(r) == list(runner.ROW_KEYS)
-        assert r["op"] == op and r["dtype"] == "bf16" and r["shape"] == bench.presets["default"][0]
+        assert r["op"] == bench.op and r["dtype"] == "bf16" and r["shape"] == bench.presets["default"][0]
         assert (r["ms_p50"], r["ms_p20"], r["ms_p80"]) == (1.0, 0.5, 2.0)
-        assert r["backend"] == {"mmkernels": "reference", "sdpa": "flash"}.get(r["provider"])
+        assert r["backend"] == CPU_BACKEND.get(r["provider"])
         if r["gbps"] is not None:
             assert r["pct_of_copy_bw"] == pytest.approx(100 * r["gbps"] / rows[0]["gbps"])
         else:
@@ -295,6 +337,68 @@ def test_timing_loop_plumbing_on_cpu(op, providers, tmp_path, monkeypatch, capsy
     assert len(calls) == 2 + len(op_rows)
     for i, grad_to_none in enumerate(calls[2:]):
         assert (grad_to_none is None) == (runner.MODES[i % 3] == "fwd")
+
+
+@pytest.mark.parametrize("script,providers,modes", [
+    ("decode_attention", "mmkernels,eager,sdpa_two_pass", ("fwd",)),
+    ("llama_adapter_layer", "mmkernels,mmkernels:reference,peft", runner.MODES),
+])
+def test_own_main_timing_loop_on_cpu(script, providers, modes, tmp_path, monkeypatch, capsys):
+    """The scripts with their own main (decode: fwd only; the layer: a module benchmark with its own case
+    loop) driven through their GPU branch on CPU with a fake clock: one well-formed row per provider x mode.
+    (mmkernels runs its reference backend here: no Triton kernel is needed.)"""
+    import importlib
+
+    mod = importlib.import_module(f"bench_{script}")
+    if script == "llama_adapter_layer":
+        pytest.importorskip("peft")
+        shapes = mod.SMOKE_SHAPES[:1]
+        monkeypatch.setitem(mod.PRESETS, "default", shapes)
+        monkeypatch.setitem(mod.PRESETS, "target", shapes)
+    else:
+        shapes = mod.BENCH.smoke_shapes[:2]  # with and without the prompt
+        monkeypatch.setattr(mod, "BENCH", dataclasses.replace(mod.BENCH, presets={"default": shapes, "target": shapes}))
+    calls = []
+
+    def fake_bench(fn, *, warmup, rep, grad_to_none=None):
+        fn()
+        calls.append(grad_to_none)
+        return [1.0, 0.5, 2.0]
+
+    monkeypatch.setattr(runner, "HAS_CUDA", True)
+    monkeypatch.setattr(runner, "DEVICE", "cpu")
+    monkeypatch.setattr(runner, "time_fn", fake_bench)
+    monkeypatch.setattr(runner, "peak_memory_mb", lambda fn, leaves: (fn(), 0.0)[1])
+    monkeypatch.setattr(runner, "env_info", lambda: dict(ENV))
+    monkeypatch.setattr(runner, "COPY_BYTES", 1 << 12)
+    monkeypatch.setattr(runner, "MATMUL_MNK", (16, 16, 16))
+    rc = mod.main(["--out", str(tmp_path), "--providers", providers, "--quick"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    rows = runner.read_rows(tmp_path / "test-gpu.jsonl")
+    assert [r["op"] for r in rows[:2]] == ["copy", "matmul"]
+    op_rows = rows[2:]
+    expect = [(sh, p.partition(":")[0], m) for sh in shapes for p in providers.split(",") for m in modes]
+    assert [(r["shape"], r["provider"], r["mode"]) for r in op_rows] == expect
+    for r in op_rows:
+        assert list(r) == list(runner.ROW_KEYS)
+        assert r["op"] == mod.OP and r["dtype"] == "bf16"
+        assert r["backend"] == CPU_BACKEND.get(r["provider"])
+        if script == "decode_attention":
+            assert r["gbps"] > 0 and r["tflops"] is None and r["pct_of_copy_bw"] is not None
+        else:
+            assert r["tflops"] > 0 and r["gbps"] is None and r["pct_of_matmul_flops"] is not None
+    for i, grad_to_none in enumerate(calls[2:]):
+        mode = op_rows[i]["mode"]
+        assert (grad_to_none is None) == (mode == "fwd")
+        if script == "llama_adapter_layer" and mode != "fwd":
+            assert len(grad_to_none) == 3  # x, the prompt and the gate
+
+
+def test_decode_script_is_fwd_only():
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_decode_attention.py"), "--modes", "fwd,bwd"],
+                          cwd=REPO, env=_cpu_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "inference-only" in proc.stderr, proc.stdout + proc.stderr
 
 
 def test_do_bench_accepts_the_runner_arguments():
