@@ -1,7 +1,8 @@
 """Drop-in nn.Modules built on mmkernels.ops."""
 
 from mmkernels.nn.lora_linear import LoRALinear
+from mmkernels.nn.paca_linear import PaCALinear
 from mmkernels.nn.rms_norm import RMSNorm
 from mmkernels.nn.scale_bias_linear import ScaleBiasLinear
 
-__all__ = ["LoRALinear", "RMSNorm", "ScaleBiasLinear"]
+__all__ = ["LoRALinear", "PaCALinear", "RMSNorm", "ScaleBiasLinear"]
