@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -45,9 +45,11 @@ def read(path: str, method: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor
 
 
 def load(model: nn.Module, path: str, method: str, config_cls, config_attr: str,
-         apply: Callable[[nn.Module, Any], Any], parameters: Callable[[nn.Module], Dict[str, nn.Parameter]]):
+         apply: Callable[[nn.Module, Any], Any], parameters: Callable[[nn.Module], Dict[str, nn.Parameter]],
+         check: Optional[Callable[[nn.Module, Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = None):
     """A method's load_adapter: apply the saved config to a base model (or check that the config already
-    applied, model.<config_attr>, equals it), then load the weights strictly."""
+    applied, model.<config_attr>, equals it), then load the weights strictly. `check(model, tensors)` may
+    validate and remove saved tensors that are not parameters (returning the rest)."""
     raw, tensors = read(path, method)
     cfg = config_cls.from_dict(raw)
     current = getattr(model, config_attr, None)
@@ -55,6 +57,8 @@ def load(model: nn.Module, path: str, method: str, config_cls, config_attr: str,
         apply(model, cfg)
     elif current != cfg:
         raise ValueError(f"model: the applied {method} config {current} differs from the saved {cfg}")
+    if check is not None:
+        tensors = check(model, tensors)
     load_tensors(parameters(model), tensors)
     return model
 

@@ -2,7 +2,8 @@
 
 from mmkernels.nn.lora_linear import LoRALinear
 from mmkernels.nn.paca_linear import PaCALinear
+from mmkernels.nn.qpaca_linear import QPaCALinear
 from mmkernels.nn.rms_norm import RMSNorm
 from mmkernels.nn.scale_bias_linear import ScaleBiasLinear
 
-__all__ = ["LoRALinear", "PaCALinear", "RMSNorm", "ScaleBiasLinear"]
+__all__ = ["LoRALinear", "PaCALinear", "QPaCALinear", "RMSNorm", "ScaleBiasLinear"]

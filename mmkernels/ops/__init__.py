@@ -6,8 +6,12 @@ from mmkernels.ops.decode_attention import MAX_DECODE_QUERIES, decode_attention
 from mmkernels.ops.gated_attention import gated_prompt_attention
 from mmkernels.ops.lora import lora_linear
 from mmkernels.ops.paca import paca_linear
+from mmkernels.ops.quantized_linear import QuantizedWeight, quantized_linear
 from mmkernels.ops.rms_norm import rms_norm
 from mmkernels.ops.rope import rope, rope_cos_sin, rope_inv_freq
 from mmkernels.ops.swiglu import swiglu
 
-__all__ = ["MAX_DECODE_QUERIES", "attention", "decode_attention", "gated_prompt_attention", "lora_linear", "paca_linear", "rms_norm", "rope", "rope_cos_sin", "rope_inv_freq", "swiglu"]
+__all__ = [
+    "MAX_DECODE_QUERIES", "QuantizedWeight", "attention", "decode_attention", "gated_prompt_attention",
+    "lora_linear", "paca_linear", "quantized_linear", "rms_norm", "rope", "rope_cos_sin", "rope_inv_freq", "swiglu",
+]
