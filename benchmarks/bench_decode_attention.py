@@ -214,14 +214,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.quick and args.shapes is None:
         argv = [*argv, "--shapes", "target"]  # the target pair: with and without the prompt
     if not runner.HAS_CUDA:
-        failures = smoke()
-        if failures:
-            print(f"correctness smoke FAILED ({len(failures)}):")
-            for f in failures:
-                print("  " + f)
-            return 1
-        print(runner.NO_GPU_LINE)
-        return 0
+        return runner.report_smoke(smoke())
     return runner.main(BENCH, argv)
 
 

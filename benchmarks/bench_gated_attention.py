@@ -202,14 +202,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return runner.main(BENCH, argv)
     runner.parse_args(BENCH, argv)  # the same flag checks as on a GPU
     gated = {n: f for n, f in PEERS.items() if n not in NO_PROMPT_PEERS}
-    failures = runner.smoke(dataclasses.replace(BENCH, peers=gated)) + smoke_no_prompt_peers()
-    if failures:
-        print(f"correctness smoke FAILED ({len(failures)}):")
-        for f in failures:
-            print("  " + f)
-        return 1
-    print(runner.NO_GPU_LINE)
-    return 0
+    return runner.report_smoke(runner.smoke(dataclasses.replace(BENCH, peers=gated)) + smoke_no_prompt_peers())
 
 
 if __name__ == "__main__":

@@ -55,7 +55,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import sys
-import traceback
 import types
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -293,26 +292,8 @@ def run(args) -> int:
         print(f"--- {OP} {shape} {args.dtype}")
         for provider in args.providers:
             for mode in args.modes:
-                try:
-                    row = run_case(provider, shape, mode, dtype, warmup, rep, copy_gbps, env, matmul_tflops)
-                    runner.append_rows(out, [row])
-                    print(runner._fmt(row))
-                except runner.Unavailable as exc:
-                    if (provider, str(exc)) not in noted:
-                        noted.add((provider, str(exc)))
-                        print(f"note: provider {provider} skipped: {exc}")
-                except torch.cuda.OutOfMemoryError:
-                    print(f"note: {provider} {mode} {shape}: out of GPU memory, no row written")
-                except Exception as exc:
-                    if provider.startswith("mmkernels"):
-                        errors += 1
-                        print(f"ERROR: {provider} {mode} {shape}: {type(exc).__name__}: {exc}")
-                        traceback.print_exc()
-                    else:
-                        print(f"note: {provider} {mode} {shape} failed, no row written: "
-                              f"{type(exc).__name__}: {str(exc)[:300]}")
-                finally:
-                    runner._free()
+                errors += runner.record_case(out, noted, provider, mode, shape, lambda: run_case(
+                    provider, shape, mode, dtype, warmup, rep, copy_gbps, env, matmul_tflops))
     if errors:
         print(f"{errors} mmkernels case(s) failed")
         return 1
@@ -394,14 +375,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = runner.parse_args(SPEC, argv)
     if runner.HAS_CUDA:
         return run(args)
-    failures = smoke()
-    if failures:
-        print(f"correctness smoke FAILED ({len(failures)}):")
-        for f in failures:
-            print("  " + f)
-        return 1
-    print(runner.NO_GPU_LINE)
-    return 0
+    return runner.report_smoke(smoke())
 
 
 if __name__ == "__main__":

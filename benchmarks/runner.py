@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -391,7 +392,7 @@ def measure_copy(env, warmup: int, rep: int) -> Dict[str, Any]:
     n = COPY_BYTES // 2
     src = torch.empty(n, dtype=torch.bfloat16, device=DEVICE).normal_()
     dst = torch.empty_like(src)
-    fn = lambda: dst.copy_(src)  # noqa: E731
+    fn = functools.partial(dst.copy_, src)
     fn()
     peak = peak_memory_mb(fn, [])
     ms = time_fn(fn, warmup=warmup, rep=rep)
@@ -400,7 +401,7 @@ def measure_copy(env, warmup: int, rep: int) -> Dict[str, Any]:
         ms=ms, flops=None, nbytes=2 * COPY_BYTES, copy_gbps=None, peak_mem_mb=peak, env=env,
     )
     row["pct_of_copy_bw"] = 100.0
-    del src, dst
+    del src, dst, fn
     _free()
     return row
 
@@ -410,7 +411,7 @@ def measure_matmul(env, warmup: int, rep: int) -> Dict[str, Any]:
     m, n, k = MATMUL_MNK
     a = torch.randn(m, k, dtype=torch.bfloat16, device=DEVICE)
     b = torch.randn(k, n, dtype=torch.bfloat16, device=DEVICE)
-    fn = lambda: a @ b  # noqa: E731
+    fn = functools.partial(torch.matmul, a, b)
     fn()
     peak = peak_memory_mb(fn, [])
     ms = time_fn(fn, warmup=warmup, rep=rep)
@@ -419,7 +420,7 @@ def measure_matmul(env, warmup: int, rep: int) -> Dict[str, Any]:
         ms=ms, flops=2.0 * m * n * k, nbytes=None, copy_gbps=None, peak_mem_mb=peak, env=env,
     )
     row["pct_of_matmul_flops"] = 100.0
-    del a, b
+    del a, b, fn
     _free()
     return row
 
@@ -610,17 +611,46 @@ def parse_args(bench: Bench, argv: Optional[Sequence[str]] = None) -> argparse.N
     return args
 
 
+
+def report_smoke(failures: List[str]) -> int:
+    """Print the CPU correctness smoke's outcome; the exit status of a script without a GPU."""
+    if failures:
+        print(f"correctness smoke FAILED ({len(failures)}):")
+        for f in failures:
+            print("  " + f)
+        return 1
+    print(NO_GPU_LINE)
+    return 0
+
+
+def record_case(out: str, noted: set, provider: str, mode: str, shape: Dict[str, Any],
+                measure: Callable[[], Dict[str, Any]]) -> int:
+    """Run one timed case and append its row. Unavailable providers, out-of-memory and peers' failures are
+    noted (no row); returns 1 when one of our own providers failed (the script then exits non-zero)."""
+    try:
+        row = measure()
+        append_rows(out, [row])
+        print(_fmt(row))
+    except Unavailable as exc:
+        if (provider, str(exc)) not in noted:
+            noted.add((provider, str(exc)))
+            print(f"note: provider {provider} skipped: {exc}")
+    except torch.cuda.OutOfMemoryError:
+        print(f"note: {provider} {mode} {shape}: out of GPU memory, no row written")
+    except Exception as exc:
+        if provider.startswith("mmkernels"):
+            print(f"ERROR: {provider} {mode} {shape}: {type(exc).__name__}: {exc}")
+            traceback.print_exc()
+            return 1
+        print(f"note: {provider} {mode} {shape} failed, no row written: {type(exc).__name__}: {str(exc)[:300]}")
+    finally:
+        _free()
+    return 0
+
 def main(bench: Bench, argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(bench, argv)
     if not HAS_CUDA:
-        failures = smoke(bench)
-        if failures:
-            print(f"correctness smoke FAILED ({len(failures)}):")
-            for f in failures:
-                print("  " + f)
-            return 1
-        print(NO_GPU_LINE)
-        return 0
+        return report_smoke(smoke(bench))
 
     dtype = DTYPES[args.dtype]
     shapes = bench.presets[args.shapes or "default"]
@@ -643,27 +673,8 @@ def main(bench: Bench, argv: Optional[Sequence[str]] = None) -> int:
         print(f"--- {bench.op} {shape} {args.dtype}")
         for provider in args.providers:
             for mode in args.modes:
-                try:
-                    row = run_case(bench, provider, shape, mode, dtype, warmup, rep, copy_gbps, env,
-                                   matmul_tflops)
-                    append_rows(out, [row])
-                    print(_fmt(row))
-                except Unavailable as exc:
-                    if (provider, str(exc)) not in noted:
-                        noted.add((provider, str(exc)))
-                        print(f"note: provider {provider} skipped: {exc}")
-                except torch.cuda.OutOfMemoryError:
-                    print(f"note: {provider} {mode} {shape}: out of GPU memory, no row written")
-                except Exception as exc:
-                    if provider.startswith("mmkernels"):
-                        errors += 1
-                        print(f"ERROR: {provider} {mode} {shape}: {type(exc).__name__}: {exc}")
-                        traceback.print_exc()
-                    else:
-                        print(f"note: {provider} {mode} {shape} failed, no row written: "
-                              f"{type(exc).__name__}: {str(exc)[:300]}")
-                finally:
-                    _free()
+                errors += record_case(out, noted, provider, mode, shape, lambda: run_case(
+                    bench, provider, shape, mode, dtype, warmup, rep, copy_gbps, env, matmul_tflops))
     if errors:
         print(f"{errors} mmkernels case(s) failed")
         return 1
