@@ -20,14 +20,20 @@ from mmkernels import ops
 from mmkernels.ops import paca as paca_ops
 
 
+def check_base_and_rank(base: nn.Linear, r: int):
+    """(d_out, d_in) of a PaCA layer's base, after checking it is an nn.Linear with 1 <= r <= d_in."""
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
+    d_out, d_in = base.weight.shape
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= d_in:
+        raise ValueError(f"r: expected an integer in [1, {d_in}] (in_features), got {r!r}")
+    return d_out, d_in
+
+
 class PaCALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, scaling: float = 1.0, seed: int = 0, name: str = "") -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
-        d_out, d_in = base.weight.shape
-        if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= d_in:
-            raise ValueError(f"r: expected an integer in [1, {d_in}] (in_features), got {r!r}")
+        d_out, d_in = check_base_and_rank(base, r)
         if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
             raise TypeError(f"scaling: expected a number, got {type(scaling).__name__}")
         if not isinstance(seed, int) or isinstance(seed, bool):

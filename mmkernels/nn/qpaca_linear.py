@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mmkernels import ops
+from mmkernels.nn.paca_linear import check_base_and_rank
 from mmkernels.ops import paca as paca_ops
 from mmkernels.ops.quantized_linear import QuantizedWeight
 
@@ -25,11 +26,7 @@ class QPaCALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, scaling: float = 1.0, seed: int = 0, name: str = "",
                  kind: str = "nf4", block: int = 64) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
-        d_out, d_in = base.weight.shape
-        if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= d_in:
-            raise ValueError(f"r: expected an integer in [1, {d_in}] (in_features), got {r!r}")
+        d_out, d_in = check_base_and_rank(base, r)
         self.in_features, self.out_features, self.r = d_in, d_out, r
         self.scaling, self.seed, self.name = float(scaling), seed, name
         w = base.weight.detach()
