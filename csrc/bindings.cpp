@@ -211,6 +211,69 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
+void check_paca_state(const at::Tensor& t, const char* name, const at::Tensor& weight, int64_t d_out, int64_t r) {
+  TORCH_CHECK(t.is_cuda() && t.device() == weight.device(), name, ": expected device ", weight.device(),
+              " (that of weight), got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, ": expected dtype float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == d_out && t.size(1) == r, name, ": expected shape (", d_out, ", ", r,
+              "), got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
+}
+
+void paca_adamw_sync(at::Tensor& weight, const at::Tensor& orig_cols, const at::Tensor& idx, double scaling,
+                     at::Tensor& delta, const at::Tensor& grad, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+                     double step, double lr, double beta1, double beta2, double eps, double weight_decay) {
+  TORCH_CHECK(weight.is_cuda(), "weight: expected a CUDA tensor, got device ", weight.device());
+  TORCH_CHECK(weight.dim() == 2, "weight: expected 2 dimensions (d_out, d_in), got ", weight.dim());
+  const mmk::Dtype wdtype = to_mmk(weight, "weight");
+  const int64_t d_out = weight.size(0);
+  TORCH_CHECK(idx.is_cuda() && idx.device() == weight.device(), "idx: expected device ", weight.device(),
+              " (that of weight), got ", idx.device());
+  TORCH_CHECK(idx.scalar_type() == at::kLong, "idx: expected dtype int64, got ", idx.scalar_type());
+  TORCH_CHECK(idx.dim() == 1, "idx: expected 1 dimension (r), got ", idx.dim());
+  TORCH_CHECK(idx.is_contiguous(), "idx: expected a contiguous tensor");
+  const int64_t r = idx.size(0);
+  TORCH_CHECK(r >= 1 && r <= weight.size(1), "idx: expected between 1 and ", weight.size(1),
+              " (d_in) column indices, got ", r);
+  TORCH_CHECK(orig_cols.is_cuda() && orig_cols.device() == weight.device(), "orig_cols: expected device ",
+              weight.device(), " (that of weight), got ", orig_cols.device());
+  TORCH_CHECK(orig_cols.scalar_type() == weight.scalar_type(), "orig_cols: expected dtype ", weight.scalar_type(),
+              " (that of weight), got ", orig_cols.scalar_type());
+  TORCH_CHECK(orig_cols.dim() == 2 && orig_cols.size(0) == d_out && orig_cols.size(1) == r,
+              "orig_cols: expected shape (", d_out, ", ", r, "), got ", orig_cols.sizes());
+  TORCH_CHECK(orig_cols.is_contiguous(), "orig_cols: expected a contiguous tensor");
+  check_paca_state(delta, "delta", weight, d_out, r);
+  check_paca_state(grad, "grad", weight, d_out, r);
+  check_paca_state(exp_avg, "exp_avg", weight, d_out, r);
+  check_paca_state(exp_avg_sq, "exp_avg_sq", weight, d_out, r);
+  TORCH_CHECK(std::isfinite(step) && step >= 1, "step: expected a count >= 1 (this step included), got ", step);
+  TORCH_CHECK(beta1 >= 0 && beta1 < 1, "beta1: expected a number in [0, 1), got ", beta1);
+  TORCH_CHECK(beta2 >= 0 && beta2 < 1, "beta2: expected a number in [0, 1), got ", beta2);
+  TORCH_CHECK(lr >= 0 && eps >= 0 && weight_decay >= 0, "lr, eps, weight_decay: expected numbers >= 0, got ", lr,
+              ", ", eps, ", ", weight_decay);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  mmk::PacaAdamWArgs a{};
+  a.weight = weight.data_ptr();
+  a.w_stride_row = weight.stride(0);
+  a.w_stride_col = weight.stride(1);
+  a.orig_cols = orig_cols.data_ptr();
+  a.idx = idx.data_ptr<int64_t>();
+  a.delta = delta.data_ptr<float>();
+  a.grad = grad.data_ptr<float>();
+  a.exp_avg = exp_avg.data_ptr<float>();
+  a.exp_avg_sq = exp_avg_sq.data_ptr<float>();
+  a.d_out = d_out;
+  a.r = r;
+  a.scaling = scaling;
+  a.step = step;
+  a.lr = lr;
+  a.beta1 = beta1;
+  a.beta2 = beta2;
+  a.eps = eps;
+  a.weight_decay = weight_decay;
+  check_launch(mmk::paca_adamw_sync(wdtype, a, c10::cuda::getCurrentCUDAStream()), "paca_adamw_sync");
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mmkernels_C, m) {
@@ -218,13 +281,19 @@ TORCH_LIBRARY(mmkernels_C, m) {
   m.def("rms_norm_bwd(Tensor dy, Tensor h, Tensor weight, Tensor rstd, Tensor? dh_extra) -> (Tensor, Tensor)");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? prompt_k, Tensor? prompt_v, Tensor? gate, "
         "Tensor? kv_start, float scale, bool gate_tanh) -> Tensor");
+  m.def("paca_adamw_sync(Tensor(a!) weight, Tensor orig_cols, Tensor idx, float scaling, Tensor(b!) delta, "
+        "Tensor grad, Tensor(c!) exp_avg, Tensor(d!) exp_avg_sq, float step, float lr, float beta1, float beta2, "
+        "float eps, float weight_decay) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(mmkernels_C, CUDA, m) {
   m.impl("rms_norm_fwd", &rms_norm_fwd);
   m.impl("rms_norm_bwd", &rms_norm_bwd);
   m.impl("decode_attention", &decode_attention);
+  m.impl("paca_adamw_sync", &paca_adamw_sync);
 }
 
 // Importing mmkernels._C loads this library and with it the registrations above.
-PYBIND11_MODULE(_C, m) { m.attr("kernels") = pybind11::make_tuple("rms_norm_fwd", "rms_norm_bwd", "decode_attention"); }
+PYBIND11_MODULE(_C, m) {
+  m.attr("kernels") = pybind11::make_tuple("rms_norm_fwd", "rms_norm_bwd", "decode_attention", "paca_adamw_sync");
+}

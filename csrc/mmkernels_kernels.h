@@ -63,4 +63,32 @@ int decode_attention_splits(int B, int T, int H, int H_kv, int S, int device);
 
 cudaError_t decode_attention(Dtype dtype, const DecodeAttentionArgs& args, cudaStream_t stream);
 
+// PaCA's fused optimizer step: for each (o, j) of the (d_out, r) delta, torch.optim.AdamW's update
+// (decoupled weight decay, foreach=False order of operations; step = the count including this step) of
+// delta, exp_avg and exp_avg_sq, then weight[o, idx[j]] = orig_cols[o, j] + scaling * delta[o, j] in fp32,
+// rounded once to the weight's dtype. delta, grad, exp_avg, exp_avg_sq: (d_out, r) contiguous fp32;
+// orig_cols: (d_out, r) contiguous of the weight's dtype; idx: (r,) int64, distinct; weight: any strides.
+struct PacaAdamWArgs {
+  void* weight;
+  int64_t w_stride_row;
+  int64_t w_stride_col;
+  const void* orig_cols;
+  const int64_t* idx;
+  float* delta;
+  const float* grad;
+  float* exp_avg;
+  float* exp_avg_sq;
+  int64_t d_out;
+  int64_t r;
+  double scaling;
+  double step;
+  double lr;
+  double beta1;
+  double beta2;
+  double eps;
+  double weight_decay;
+};
+
+cudaError_t paca_adamw_sync(Dtype wdtype, const PacaAdamWArgs& args, cudaStream_t stream);
+
 }  // namespace mmk

@@ -6,6 +6,7 @@ from mmkernels.ops.decode_attention import MAX_DECODE_QUERIES, decode_attention
 from mmkernels.ops.gated_attention import gated_prompt_attention
 from mmkernels.ops.lora import lora_linear
 from mmkernels.ops.paca import paca_linear
+from mmkernels.ops.paca_adamw import paca_adamw_sync
 from mmkernels.ops.quantized_linear import QuantizedWeight, quantized_linear
 from mmkernels.ops.rms_norm import rms_norm
 from mmkernels.ops.rope import rope, rope_cos_sin, rope_inv_freq
@@ -13,5 +14,6 @@ from mmkernels.ops.swiglu import swiglu
 
 __all__ = [
     "MAX_DECODE_QUERIES", "QuantizedWeight", "attention", "decode_attention", "gated_prompt_attention",
-    "lora_linear", "paca_linear", "quantized_linear", "rms_norm", "rope", "rope_cos_sin", "rope_inv_freq", "swiglu",
+    "lora_linear", "paca_adamw_sync", "paca_linear", "quantized_linear", "rms_norm", "rope", "rope_cos_sin",
+    "rope_inv_freq", "swiglu",
 ]

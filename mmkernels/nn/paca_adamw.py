@@ -1,0 +1,97 @@
+"""PaCAAdamW: torch.optim.AdamW over the deltas of PaCALinear modules, fused with their column sync.
+
+    delta <- AdamW(delta, delta.grad)   (decoupled weight decay, as torch.optim.AdamW(foreach=False))
+    W[:, I] <- orig + s delta           (in the same pass: ops.paca_adamw_sync)
+
+After `step()` every module's weight already holds its new W_eff, so no `sync_()` call is needed. A delta
+whose grad is None is skipped (its state and weight untouched). The state per delta is torch AdamW's
+("step" as a float32 CPU scalar tensor, "exp_avg", "exp_avg_sq"), so `state_dict()` / `load_state_dict()`
+are the inherited ones and a state dict moves between this optimizer and torch.optim.AdamW over the same
+deltas in the same order.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Tuple
+
+import torch
+
+from mmkernels.nn.paca_linear import PaCALinear
+from mmkernels.ops.paca_adamw import paca_adamw_sync
+
+
+def _number(name: str, value: object) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _scalar_dtype() -> torch.dtype:
+    """The dtype of torch.optim's CPU step counter."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class PaCAAdamW(torch.optim.Optimizer):
+    def __init__(self, modules: Iterable[PaCALinear], lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+        if isinstance(modules, PaCALinear):
+            modules = [modules]
+        modules = list(modules)
+        if not modules:
+            raise ValueError("modules: expected at least one PaCALinear, got none")
+        for i, m in enumerate(modules):
+            if not isinstance(m, PaCALinear):
+                raise TypeError(f"modules[{i}]: expected a PaCALinear, got {type(m).__name__}")
+        lr, eps, weight_decay = _number("lr", lr), _number("eps", eps), _number("weight_decay", weight_decay)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+        betas = (_number("betas[0]", betas[0]), _number("betas[1]", betas[1]))
+        for name, value, ok, want in (("lr", lr, lr >= 0, ">= 0"), ("eps", eps, eps >= 0, ">= 0"),
+                                      ("betas[0]", betas[0], 0 <= betas[0] < 1, "in [0, 1)"),
+                                      ("betas[1]", betas[1], 0 <= betas[1] < 1, "in [0, 1)"),
+                                      ("weight_decay", weight_decay, weight_decay >= 0, ">= 0")):
+            if not ok:
+                raise ValueError(f"{name}: expected a number {want}, got {value!r}")
+        # The module that owns each delta: kept beside the param groups so state_dict() holds no modules.
+        self._owner = {}
+        for m in modules:
+            if id(m.delta) in self._owner:
+                raise ValueError(f"modules: the PaCALinear {m.name!r} is listed twice")
+            self._owner[id(m.delta)] = m
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__([m.delta for m in modules], defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for p in params:
+            if id(p) not in self._owner:
+                raise ValueError("PaCAAdamW takes the delta of a PaCALinear given to its constructor, got another "
+                                 "tensor; build a new optimizer to add modules")
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                module = self._owner[id(p)]
+                if p is not module.delta:  # the module's delta was replaced after the optimizer was built
+                    raise RuntimeError(f"PaCALinear {module.name!r}: its delta is no longer the tensor this optimizer "
+                                       "was built with")
+                state = self.state[p]
+                if len(state) == 0:
+                    # torch.optim.Adam's lazy initialization (non-capturable, non-fused): step on the CPU.
+                    state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                paca_adamw_sync(module.weight, module.orig_cols, module.idx, module.scaling, p, p.grad,
+                                state["exp_avg"], state["exp_avg_sq"], state["step"].item(), group["lr"],
+                                group["betas"], group["eps"], group["weight_decay"])
+        return loss
