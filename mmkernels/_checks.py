@@ -63,6 +63,13 @@ def shape(name: str, value: torch.Tensor, expected: Sequence[Optional[int]]) -> 
         raise ValueError(f"{name}: expected shape {want}, got {actual}")
 
 
+def number(name: str, value: object) -> float:
+    """Check that `value` is a real Python number (bool excluded); return it as a float."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    return float(value)
+
+
 def positive_float(name: str, value: object) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
         raise ValueError(f"{name}: expected a positive number, got {value!r}")

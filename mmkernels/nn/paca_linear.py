@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmkernels import ops
+from mmkernels import _checks, ops
 from mmkernels.ops import paca as paca_ops
 
 
@@ -34,8 +34,7 @@ class PaCALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, scaling: float = 1.0, seed: int = 0, name: str = "") -> None:
         super().__init__()
         d_out, d_in = check_base_and_rank(base, r)
-        if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
-            raise TypeError(f"scaling: expected a number, got {type(scaling).__name__}")
+        _checks.number("scaling", scaling)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
         if not isinstance(name, str):

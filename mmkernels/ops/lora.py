@@ -94,11 +94,10 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scali
     _checks.shape("lora_b", lora_b, (d_out, rank))
     _checks.same_dtype(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b)
     _checks.same_device(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
-    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
-        raise TypeError(f"scaling: expected a number, got {type(scaling).__name__}")
+    scaling = _checks.number("scaling", scaling)
     x2d = x.reshape(-1, d_in)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    y, _ = lora_linear_fwd(x2d, weight, lora_a, lora_b, float(scaling))
+    y, _ = lora_linear_fwd(x2d, weight, lora_a, lora_b, scaling)
     y = y.view(*x.shape[:-1], d_out)
     return y if bias is None else y + bias

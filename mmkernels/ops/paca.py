@@ -120,12 +120,6 @@ def _check_idx(idx: Tensor, d_in: int) -> None:
         _CHECKED_IDX[idx] = key
 
 
-def _check_scaling(scaling: object) -> float:
-    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
-        raise TypeError(f"scaling: expected a number, got {type(scaling).__name__}")
-    return float(scaling)
-
-
 def _check_common(weight: Tensor, delta: Tensor, idx: Tensor) -> Tuple[int, int, int]:
     _checks.tensor("weight", weight, ndim=2)
     d_out, d_in = weight.shape
@@ -152,7 +146,7 @@ def paca_linear(x: Tensor, weight: Tensor, delta: Tensor, idx: Tensor, scaling: 
         _checks.shape("bias", bias, (d_out,))
     _checks.same_dtype(x=x, weight=weight, bias=bias)
     _checks.same_device(x=x, weight=weight, delta=delta, idx=idx, bias=bias)
-    scaling = _check_scaling(scaling)
+    scaling = _checks.number("scaling", scaling)
     impl = backend.select(OP, x.device)
     y, _ = paca_linear_fwd(x.reshape(-1, d_in), weight, bias, delta, idx, scaling, impl)
     return y.view(*x.shape[:-1], d_out)
@@ -166,7 +160,7 @@ def sync_columns(weight: Tensor, orig_cols: Tensor, delta: Tensor, idx: Tensor, 
     _checks.shape("orig_cols", orig_cols, (d_out, r))
     _checks.same_dtype(weight=weight, orig_cols=orig_cols)
     _checks.same_device(weight=weight, orig_cols=orig_cols, delta=delta, idx=idx)
-    scaling = _check_scaling(scaling)
+    scaling = _checks.number("scaling", scaling)
     impl = backend.select(OP, weight.device)
     with torch.no_grad():
         if impl == "triton" and weight.dtype != torch.float64:  # the kernel computes in fp32

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from mmkernels import _checks, backend
-from mmkernels.ops.paca import _check_common, _check_scaling
+from mmkernels.ops.paca import _check_common
 from mmkernels.reference import paca_adamw as ref
 
 __all__ = ["paca_adamw_sync", "paca_adamw_sync_op"]
@@ -93,9 +93,7 @@ def _select(device: torch.device, weight: Tensor, delta: Tensor, exp_avg: Tensor
 def _number(name: str, value: object) -> float:
     if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
         value = value.item()
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
-    value = float(value)
+    value = _checks.number(name, value)
     if not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite number, got {value!r}")
     return value
@@ -147,7 +145,7 @@ def paca_adamw_sync(weight: Tensor, orig_cols: Tensor, idx: Tensor, scaling: flo
                         exp_avg_sq=exp_avg_sq)
     if grad.is_sparse:
         raise ValueError("grad: expected a dense tensor, got a sparse one")
-    scaling = _check_scaling(scaling)
+    scaling = _checks.number("scaling", scaling)
     step, lr, beta1, beta2, eps, weight_decay = _check_hparams(step, lr, betas, eps, weight_decay)
     impl = _select(weight.device, weight, delta, exp_avg, exp_avg_sq)
     with torch.no_grad():
