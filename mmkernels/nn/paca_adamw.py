@@ -17,13 +17,8 @@ from typing import Iterable, Tuple
 import torch
 
 from mmkernels.nn.paca_linear import PaCALinear
-from mmkernels.ops.paca_adamw import paca_adamw_sync
-
-
-def _number(name: str, value: object) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
-    return float(value)
+from mmkernels import _checks
+from mmkernels.ops.paca_adamw import check_adamw_hparams, paca_adamw_sync
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -42,16 +37,14 @@ class PaCAAdamW(torch.optim.Optimizer):
         for i, m in enumerate(modules):
             if not isinstance(m, PaCALinear):
                 raise TypeError(f"modules[{i}]: expected a PaCALinear, got {type(m).__name__}")
-        lr, eps, weight_decay = _number("lr", lr), _number("eps", eps), _number("weight_decay", weight_decay)
+        # Plain numbers only (no tensors: they would be stored in the param groups), in AdamW's ranges.
+        lr, eps, weight_decay = (_checks.number(n, v) for n, v in (("lr", lr), ("eps", eps),
+                                                                    ("weight_decay", weight_decay)))
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
-        betas = (_number("betas[0]", betas[0]), _number("betas[1]", betas[1]))
-        for name, value, ok, want in (("lr", lr, lr >= 0, ">= 0"), ("eps", eps, eps >= 0, ">= 0"),
-                                      ("betas[0]", betas[0], 0 <= betas[0] < 1, "in [0, 1)"),
-                                      ("betas[1]", betas[1], 0 <= betas[1] < 1, "in [0, 1)"),
-                                      ("weight_decay", weight_decay, weight_decay >= 0, ">= 0")):
-            if not ok:
-                raise ValueError(f"{name}: expected a number {want}, got {value!r}")
+        betas = (_checks.number("betas[0]", betas[0]), _checks.number("betas[1]", betas[1]))
+        lr, beta1, beta2, eps, weight_decay = check_adamw_hparams(lr, betas, eps, weight_decay)
+        betas = (beta1, beta2)
         # The module that owns each delta: kept beside the param groups so state_dict() holds no modules.
         self._owner = {}
         for m in modules:

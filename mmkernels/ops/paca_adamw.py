@@ -28,7 +28,7 @@ from mmkernels import _checks, backend
 from mmkernels.ops.paca import _check_common
 from mmkernels.reference import paca_adamw as ref
 
-__all__ = ["paca_adamw_sync", "paca_adamw_sync_op"]
+__all__ = ["check_adamw_hparams", "paca_adamw_sync", "paca_adamw_sync_op"]
 
 OP = "paca_adamw"
 backend.register_op(OP, ("cuda", "triton", "reference"))
@@ -99,10 +99,9 @@ def _number(name: str, value: object) -> float:
     return value
 
 
-def _check_hparams(step: object, lr: object, betas: object, eps: object, weight_decay: object):
-    step = _number("step", step)
-    if step < 1 or step != int(step):
-        raise ValueError(f"step: expected a positive integer count (this step included), got {step!r}")
+def check_adamw_hparams(lr: object, betas: object, eps: object, weight_decay: object):
+    """(lr, beta1, beta2, eps, weight_decay) as floats, checked like torch.optim.AdamW's: finite, lr, eps and
+    weight_decay >= 0, betas a pair in [0, 1)."""
     lr = _number("lr", lr)
     if lr < 0:
         raise ValueError(f"lr: expected a number >= 0, got {lr!r}")
@@ -118,7 +117,7 @@ def _check_hparams(step: object, lr: object, betas: object, eps: object, weight_
     weight_decay = _number("weight_decay", weight_decay)
     if weight_decay < 0:
         raise ValueError(f"weight_decay: expected a number >= 0, got {weight_decay!r}")
-    return step, lr, beta1, beta2, eps, weight_decay
+    return lr, beta1, beta2, eps, weight_decay
 
 
 def paca_adamw_sync(weight: Tensor, orig_cols: Tensor, idx: Tensor, scaling: float, delta: Tensor, grad: Tensor,
@@ -146,7 +145,10 @@ def paca_adamw_sync(weight: Tensor, orig_cols: Tensor, idx: Tensor, scaling: flo
     if grad.is_sparse:
         raise ValueError("grad: expected a dense tensor, got a sparse one")
     scaling = _checks.number("scaling", scaling)
-    step, lr, beta1, beta2, eps, weight_decay = _check_hparams(step, lr, betas, eps, weight_decay)
+    step = _number("step", step)
+    if step < 1 or step != int(step):
+        raise ValueError(f"step: expected a positive integer count (this step included), got {step!r}")
+    lr, beta1, beta2, eps, weight_decay = check_adamw_hparams(lr, betas, eps, weight_decay)
     impl = _select(weight.device, weight, delta, exp_avg, exp_avg_sq)
     with torch.no_grad():
         paca_adamw_sync_op(weight, orig_cols, idx, scaling, delta, grad, exp_avg, exp_avg_sq, step, lr, beta1,
