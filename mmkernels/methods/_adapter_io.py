@@ -1,5 +1,6 @@
 """Adapter-only checkpoints shared by the methods: `adapter_model.safetensors` (the method's parameters by
-model-relative name) and `adapter_config.json` ({"method": name, **config}), each written atomically."""
+model-relative name) and `adapter_config.json` ({"method": name, **config}), each written atomically; and
+the merge that folds an adapter into plain layers (after which it can no longer be saved as an adapter)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,24 @@ from mmkernels.models.loading import atomic_write
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
 
-def save(path: str, method: str, config: Dict[str, Any], params: Dict[str, torch.Tensor]) -> None:
+@torch.no_grad()
+def merge_modules(model: nn.Module, method: str, kinds: Tuple[type, ...]) -> nn.Module:
+    """A method's merge(): replace every submodule of one of `kinds` by its merge() (a plain nn.Linear),
+    freeze the model, and mark `method` merged: `save` refuses it from then on."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, kinds):
+                setattr(module, name, child.merge())
+    model.requires_grad_(False)
+    model.merged_adapters = getattr(model, "merged_adapters", set()) | {method}
+    return model
+
+
+def save(model: nn.Module, path: str, method: str, config: Dict[str, Any], params: Dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
+
+    if method in getattr(model, "merged_adapters", ()):
+        raise ValueError("model: the adapter was merged into the weights; save the model instead")
 
     os.makedirs(path, exist_ok=True)
     tensors = {name: p.detach().contiguous().cpu() for name, p in params.items()}

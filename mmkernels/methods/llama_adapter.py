@@ -258,27 +258,18 @@ def count_parameters(model: Llama) -> Dict[str, int]:
     return counts
 
 
-@torch.no_grad()
 def merge(model: Llama) -> Llama:
     """For inference export: fold every bias/scale into its linear layer (a plain nn.Linear with a bias)
     and freeze everything. The prompts stay (attention over them cannot be folded into weights)."""
     _require_adapter(model)
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, ScaleBiasLinear):
-                setattr(module, child_name, child.merge())
-    model.requires_grad_(False)
-    model.adapter_merged = True
-    return model
+    return _adapter_io.merge_modules(model, "llama_adapter", (ScaleBiasLinear,))
 
 
 def save_adapter(model: Llama, path: str) -> None:
     """Write the adapter alone: `adapter_model.safetensors` (its parameters, fp32 as trained) and
     `adapter_config.json`, each atomically."""
     cfg = _require_adapter(model)
-    if getattr(model, "adapter_merged", False):
-        raise ValueError("model: the adapter was merged into the weights; save the model instead")
-    _adapter_io.save(path, "llama_adapter", cfg.to_dict(), adapter_parameters(model))
+    _adapter_io.save(model, path, "llama_adapter", cfg.to_dict(), adapter_parameters(model))
 
 
 def load_adapter(model: Llama, path: str) -> Llama:

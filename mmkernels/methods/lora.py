@@ -86,24 +86,14 @@ def adapter_parameters(model: Llama) -> Dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
 
 
-@torch.no_grad()
 def merge(model: Llama) -> Llama:
     """Replace every LoRALinear by its merged nn.Linear (W + s B A) and freeze everything."""
     adapter_parameters(model)
-    for owner, name in _targets(model, TARGETS).values():
-        layer = getattr(owner, name)
-        if isinstance(layer, LoRALinear):
-            setattr(owner, name, layer.merge())
-    model.requires_grad_(False)
-    model.lora_merged = True
-    return model
+    return _adapter_io.merge_modules(model, "lora", (LoRALinear,))
 
 
 def save_adapter(model: Llama, path: str) -> None:
-    params = adapter_parameters(model)
-    if getattr(model, "lora_merged", False):
-        raise ValueError("model: the adapter was merged into the weights; save the model instead")
-    _adapter_io.save(path, "lora", model.lora_config.to_dict(), params)
+    _adapter_io.save(model, path, "lora", model.lora_config.to_dict(), adapter_parameters(model))
 
 
 def load_adapter(model: Llama, path: str) -> Llama:

@@ -104,24 +104,17 @@ def sync_after_step(optimizer: torch.optim.Optimizer, model: Llama):
     return optimizer.register_step_post_hook(lambda *_: sync(model))
 
 
-@torch.no_grad()
 def merge(model: Llama) -> Llama:
     """Replace every PaCA layer by a plain nn.Linear holding W_eff (dequantized for QPaCA); freeze all."""
-    for name, layer in layers(model).items():
-        owner, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
-        setattr(owner, attr, layer.merge())
-    model.requires_grad_(False)
-    model.paca_merged = True
-    return model
+    layers(model)
+    return _adapter_io.merge_modules(model, "paca", (PaCALinear, QPaCALinear))
 
 
 def save_adapter(model: Llama, path: str) -> None:
     """The deltas and each layer's column indices (`<layer>.idx`), with the config."""
-    if getattr(model, "paca_merged", False):
-        raise ValueError("model: the adapter was merged into the weights; save the model instead")
     tensors = dict(adapter_parameters(model))
     tensors.update({f"{n}.idx": m.idx for n, m in layers(model).items()})
-    _adapter_io.save(path, "paca", model.paca_config.to_dict(), tensors)
+    _adapter_io.save(model, path, "paca", model.paca_config.to_dict(), tensors)
 
 
 def load_adapter(model: Llama, path: str) -> Llama:
