@@ -108,12 +108,14 @@ def _validate_attention(q, k, v, causal, scale, kv_start) -> float:
 
 
 def _kernel_kv_start(impl: str, q: Tensor, kv_start: Optional[Tensor]) -> Optional[Tensor]:
-    """For the triton backend: check the head dim it supports and give kv_start the int32 it reads."""
-    if impl != "triton":
+    """For the kernel backends: the head-dim check of the triton kernels, and kv_start as the int32 that
+    every kernel (triton and cuda) reads."""
+    if impl == "reference":
         return kv_start
-    from mmkernels.kernels.attention import check_head_dim
+    if impl == "triton":
+        from mmkernels.kernels.attention import check_head_dim
 
-    check_head_dim(q.shape[-1])
+        check_head_dim(q.shape[-1])
     return kv_start.to(torch.int32) if kv_start is not None else None
 
 

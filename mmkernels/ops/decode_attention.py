@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from mmkernels import backend
-from mmkernels.ops.attention import _unit_last, _validate_attention
+from mmkernels.ops.attention import _kernel_kv_start, _unit_last, _validate_attention
 from mmkernels.ops.gated_attention import validate_prompt
 from mmkernels.reference import attention as attn_ref
 from mmkernels.reference import gated_attention as gated_ref
@@ -95,14 +95,9 @@ def decode_attention(
     impl = backend.select(OP, q.device)
     if impl == "cuda" and backend.forced_backend() is None and not _cuda_kernel_serves(q):
         impl = "triton"
-    if impl == "triton":
-        from mmkernels.kernels.attention import check_head_dim
-
-        check_head_dim(dim)
-    elif impl == "cuda" and not _cuda_kernel_serves(q):
+    if impl == "cuda" and not _cuda_kernel_serves(q):
         raise ValueError(f"q: head dim {dim} / dtype {q.dtype} is not supported by the cuda decode_attention "
                          f"kernel; expected head dim in {CUDA_HEAD_DIMS}")
-    if kv_start is not None and impl != "reference":
-        kv_start = kv_start.to(torch.int32)
+    kv_start = _kernel_kv_start(impl, q, kv_start)
     return decode_attention_op(_unit_last(q), _unit_last(k), _unit_last(v), prompt_k, prompt_v, gate, kv_start,
                                float(scale), gate_fn, impl)
