@@ -122,8 +122,9 @@ class AdaptionPrompt(nn.Module):
 
     def _project(self, attn: Attention, tokens: torch.Tensor, dtype: torch.dtype) -> PromptSegment:
         rows, length = tokens.shape[:2]
-        k = attn.k_proj(tokens.to(dtype)).view(rows, length, attn.n_kv_heads, attn.head_dim)
-        v = attn.v_proj(tokens.to(dtype)).view(rows, length, attn.n_kv_heads, attn.head_dim)
+        tokens = tokens.to(dtype)
+        k = attn.k_proj(tokens).view(rows, length, attn.n_kv_heads, attn.head_dim)
+        v = attn.v_proj(tokens).view(rows, length, attn.n_kv_heads, attn.head_dim)
         return PromptSegment(k, v, self.gate, self.gate_fn)
 
     def _static_key(self, attn: Attention, dtype: torch.dtype) -> tuple:
