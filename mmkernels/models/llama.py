@@ -11,6 +11,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mmkernels import ops
 from mmkernels.models.config import LlamaConfig
@@ -106,43 +107,69 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.gradient_checkpointing = False
         # Not a buffer: model.to(bfloat16) must not round the rotary frequencies.
         with torch.device("cpu"):  # also when the model is built on the meta device for loading
             self._inv_freq = ops.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: Optional[torch.Tensor] = None,
         *,
+        inputs_embeds: Optional[torch.Tensor] = None,
         positions: Optional[torch.Tensor] = None,
         kv_cache: Optional[KVCache] = None,
         kv_start: Optional[torch.Tensor] = None,
         visual_prompts: Optional[torch.Tensor] = None,
+        hidden_only: bool = False,
     ) -> torch.Tensor:
         """input_ids (B, T) -> float32 logits (B, T, vocab).
+
+        inputs_embeds (B, T, hidden): instead of input_ids, embeddings to run (e.g. visual tokens
+        concatenated with embedded text, as LLaVA-style methods feed images); exactly one of the two.
 
         positions (T,) or (B, T): rotary positions (default: continuing after the cache's length).
         kv_cache: keys/values of earlier positions; this call appends T positions to it.
         kv_start (B,): cache index of each sample's first real token (left padding is masked).
         visual_prompts (B, L_p, hidden): per-sample tokens that a method's attention prompts fuse (LLaMA-Adapter
         V2); with a KV cache, give them at the prefill only: the prompt keys/values are kept in the cache.
+        hidden_only: return the final normed hidden states (B, T, hidden) in the model dtype instead of the
+        logits (a trainer applies lm_head inside a chunked fused loss, never materialising all logits).
+
+        With `gradient_checkpointing` set (and grad enabled) each block's activations are recomputed in the
+        backward instead of saved.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids: expected shape (B, T), got {tuple(input_ids.shape)}")
-        seq = input_ids.shape[1]
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("input_ids, inputs_embeds: expected exactly one of them, got "
+                             f"{'both' if input_ids is not None else 'neither'}")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids: expected shape (B, T), got {tuple(input_ids.shape)}")
+            x = self.embed_tokens(input_ids)
+        else:
+            hidden = self.config.hidden_size
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden:
+                raise ValueError(f"inputs_embeds: expected shape (B, T, {hidden}), got {tuple(inputs_embeds.shape)}")
+            x = inputs_embeds
+        seq = x.shape[1]
         past = kv_cache.length if kv_cache is not None else 0
         if positions is None:
-            positions = torch.arange(past, past + seq, device=input_ids.device)
+            positions = torch.arange(past, past + seq, device=x.device)
         if positions.dim() not in (1, 2) or positions.shape[-1] != seq:
             raise ValueError(f"positions: expected shape ({seq},) or (B, {seq}), got {tuple(positions.shape)}")
         cos, sin = ops.rope_cos_sin(positions, self._inv_freq)
-        x, residual = self.embed_tokens(input_ids), None
+        residual = None
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled() and kv_cache is None
         for block in self.layers:
-            x, residual = block(x, residual, cos, sin, kv_cache, kv_start, visual_prompts)
+            if recompute:
+                x, residual = checkpoint(block, x, residual, cos, sin, None, kv_start, visual_prompts,
+                                         use_reentrant=False)
+            else:
+                x, residual = block(x, residual, cos, sin, kv_cache, kv_start, visual_prompts)
         if kv_cache is not None:
             kv_cache.advance(seq)
         x, _ = self.norm(x, residual)
-        return self.lm_head(x).float()
+        return x if hidden_only else self.lm_head(x).float()
 
     def _apply(self, fn, recurse=True):
         # .to(device) / .cuda() move the rotary frequencies too; dtype casts leave them in float32.
