@@ -31,6 +31,11 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--no-stream", action="store_true", help="print each completion at the end instead")
+    p.add_argument("--adapter", default=None,
+                   help="an adapter directory written by `mmkernels train` (its base model and vision tower are "
+                        "rebuilt from the run; --model overrides the base)")
+    p.add_argument("--image", action="append", default=None,
+                   help="an image for a multimodal adapter: one per prompt, in order (repeatable)")
 
 
 def _read_prompts(args: argparse.Namespace) -> List[str]:
@@ -45,21 +50,23 @@ def _read_prompts(args: argparse.Namespace) -> List[str]:
     return prompts or list(DEFAULT_PROMPTS)
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from mmkernels import backend
-    from mmkernels.models.config import LlamaConfig
-    from mmkernels.models.generation import generate
-    from mmkernels.models.llama import Llama
-    from mmkernels.models.tokenizer import ByteTokenizer, load_tokenizer
-
+def check_sampling_args(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise SystemExit(f"--max-new-tokens: expected a positive integer, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise SystemExit(f"--temperature: expected a number >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise SystemExit(f"--top-p: expected a number in (0, 1], got {args.top_p}")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from mmkernels.models.config import LlamaConfig
+    from mmkernels.models.llama import Llama
+    from mmkernels.models.tokenizer import ByteTokenizer, load_tokenizer
+
+    check_sampling_args(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
@@ -72,8 +79,21 @@ def run_generate(args: argparse.Namespace) -> int:
         model = Llama.from_pretrained(args.model, dtype=dtype, device=device)
         tokenizer = load_tokenizer(args.model)
         source = args.model
+    return generate_and_print(model, tokenizer, _read_prompts(args), args, source)
+
+
+def generate_and_print(model, tokenizer, prompts: List[str], args: argparse.Namespace, source: str,
+                       **generate_kwargs) -> int:
+    """Generate for `prompts` (batched), streaming a single prompt's text as it comes; generate_kwargs go to
+    models.generation.generate (e.g. visual_prompts)."""
+    import torch
+
+    from mmkernels import backend
+    from mmkernels.models.generation import generate
+
     model.eval()
-    prompts = _read_prompts(args)
+    device = model.embed_tokens.weight.device
+    dtype = model.embed_tokens.weight.dtype
     ids = [tokenizer.encode(p) for p in prompts]
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {source}, {n_params:,} parameters, {dtype}, {device}; "
@@ -95,7 +115,8 @@ def run_generate(args: argparse.Namespace) -> int:
     with torch.no_grad():
         out = generate(
             model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-            eos_id=sorted({tokenizer.eos_id, *model.config.eos_ids} - {None}), pad_id=tokenizer.pad_id, seed=args.seed, on_step=on_step,
+            eos_id=sorted({tokenizer.eos_id, *model.config.eos_ids} - {None}), pad_id=tokenizer.pad_id, seed=args.seed,
+            on_step=on_step, **generate_kwargs,
         )
     elapsed = time.perf_counter() - t0
     if len(prompts) == 1 and not args.no_stream:

@@ -52,12 +52,19 @@ class ScaleBiasLinear(nn.Module):
         y = F.linear((x.to(acc) * self.scale).to(dtype), self.weight)
         return (y.to(acc) + self._bias_total()).to(dtype)
 
-    @torch.no_grad()
-    def merge(self) -> nn.Linear:
-        """A plain nn.Linear computing the same function (up to rounding of W' in W's dtype)."""
+    def folded(self):
+        """(W', b') with y = x W'^T + b', in fp32 (or wider), differentiable in s and b: what merge() writes,
+        and what a fused lm_head loss multiplies by when the lm_head is tuned."""
         w = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
         merged_w = self.scale[:, None] * w if self.form == "output" else w * self.scale[None, :]
         merged_b = self._bias_total() * (self.scale if self.form == "output" else 1.0)
+        return merged_w, merged_b
+
+    @torch.no_grad()
+    def merge(self) -> nn.Linear:
+        """A plain nn.Linear computing the same function (up to rounding of W' in W's dtype)."""
+        merged_w, merged_b = self.folded()
+        w = self.weight
         out = nn.Linear(self.in_features, self.out_features, bias=True, device=w.device, dtype=self.weight.dtype)
         out.weight.copy_(merged_w)
         out.bias.copy_(merged_b)

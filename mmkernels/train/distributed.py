@@ -1,0 +1,192 @@
+"""Data-parallel training under torchrun: DDP, or FSDP2 (`fully_shard`) over the frozen base and the
+trainable adapters. On CPU the gloo backend runs the same code (the tests use it).
+
+Every process reads a disjoint slice of each global batch (train/data.py Loader), gradients are averaged by
+DDP / reduce-scattered by FSDP2, and the trainer scales each loss so the average equals the gradient of the
+token-level mean over the global batch: N processes give the update of one process with N times the batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Any, Dict
+
+import torch
+from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    mode: str = "none"  # none | ddp | fsdp
+    device: torch.device = torch.device("cpu")
+
+
+def init(mode: str) -> DistInfo:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if mode == "auto":
+        mode = "ddp" if world > 1 else "none"
+    if mode == "none":
+        if world > 1:
+            raise ValueError(f"distributed: 'none' but WORLD_SIZE={world}; use ddp or fsdp under torchrun")
+        return DistInfo()
+    if world < 2:
+        raise ValueError(f"distributed: {mode!r} needs several processes (launch with torchrun --nproc_per_node N); "
+                         f"WORLD_SIZE={world}")
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), mode, device)
+
+
+def wrap(module: nn.Module, info: DistInfo) -> nn.Module:
+    """The module the trainer calls: `module` itself, its DDP wrapper, or `module` sharded in place (each
+    block of module.model, then the root)."""
+    if info.mode == "none":
+        return module
+    if info.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids)
+    from torch.distributed.fsdp import fully_shard
+
+    for block in module.model.layers:
+        fully_shard(block)
+    fully_shard(module)
+    return module
+
+
+def all_reduce_sum(value, info: DistInfo):
+    if info.world_size == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor(float(value), dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return type(value)(t.item()) if isinstance(value, int) else t.item()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def no_sync_unless_last(module: nn.Module, last: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step."""
+    if hasattr(module, "no_sync") and not last:
+        return module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+        module.set_requires_gradient_sync(last)
+    return contextlib.nullcontext()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def full_tensors(params: Dict[str, nn.Parameter]) -> Dict[str, torch.Tensor]:
+    """The whole (unsharded) value of each parameter, on CPU; a collective under FSDP."""
+    return {name: _full(p.detach()).cpu() for name, p in params.items()}
+
+
+@torch.no_grad()
+def copy_full_into(p: nn.Parameter, full: torch.Tensor) -> None:
+    if tuple(full.shape) != tuple(p.shape):
+        raise ValueError(f"resume: a saved parameter has shape {tuple(full.shape)}, the model's {tuple(p.shape)}")
+    if hasattr(p, "device_mesh"):  # a DTensor shard
+        from torch.distributed.tensor import distribute_tensor
+
+        p.copy_(distribute_tensor(full.to(p.dtype), p.device_mesh, p.placements))
+    else:
+        p.copy_(full.to(device=p.device, dtype=p.dtype))
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, params: Dict[str, nn.Parameter]) -> Dict[str, Any]:
+    """The optimizer's state keyed by parameter name (whole tensors on CPU), portable across world sizes."""
+    index = {id(p): name for name, p in params.items()}
+    order = [index[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    sd = optimizer.state_dict()
+    state = {order[i]: {k: (_full(v).cpu() if torch.is_tensor(v) else v) for k, v in st.items()}
+             for i, st in sd["state"].items()}
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, params: Dict[str, nn.Parameter],
+                         saved: Dict[str, Any]) -> None:
+    index = {id(p): name for name, p in params.items()}
+    order = [index[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    position = {name: i for i, name in enumerate(order)}
+    missing = sorted(set(order) - set(n for g in saved["param_groups"] for n in g["params"]))
+    if missing:
+        raise ValueError(f"resume: the saved optimizer state lacks parameters {missing[:5]}")
+    state = {}
+    for name, st in saved["state"].items():
+        p = params[name]
+        entry = {}
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.dim() > 0 and hasattr(p, "device_mesh"):
+                from torch.distributed.tensor import distribute_tensor
+
+                v = distribute_tensor(v.to(p.dtype), p.device_mesh, p.placements)
+            entry[k] = v
+        state[position[name]] = entry
+    groups = [{**g, "params": [position[n] for n in g["params"]]} for g in saved["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+@contextlib.contextmanager
+def _unsharded(model: nn.Module):
+    shards = [m for m in model.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
+    for m in shards:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in shards:
+            m.reshard()
+
+
+def save_adapter(spec, model: nn.Module, params: Dict[str, nn.Parameter], path: str, info: DistInfo) -> None:
+    """Write the adapter from rank 0; under FSDP every rank first gathers the parameters (a collective)."""
+    if any(hasattr(p, "device_mesh") for p in params.values()):
+        with _unsharded(model):
+            if info.rank == 0:
+                spec.save(model, path)
+        barrier(info)
+        return
+    if info.rank == 0:
+        spec.save(model, path)
+    barrier(info)
+
+
+@torch.no_grad()
+def max_rank_difference(params: Dict[str, nn.Parameter], info: DistInfo) -> float:
+    """The largest |p - p on rank 0| over every trainable parameter and rank (0.0: the ranks agree)."""
+    if info.world_size == 1:
+        return 0.0
+    import torch.distributed as dist
+
+    worst = torch.zeros((), dtype=torch.float64, device=info.device)
+    for p in params.values():
+        mine = _full(p.detach()).to(info.device)
+        first = mine.clone()
+        dist.broadcast(first, src=0)
+        worst = torch.maximum(worst, (mine.double() - first.double()).abs().max())
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return float(worst)

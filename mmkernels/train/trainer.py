@@ -1,0 +1,433 @@
+"""The training loop of `mmkernels train`: build the model, method and data from a TrainConfig, train with
+AdamW on the trainable parameters only, log, checkpoint, resume, evaluate and save the adapter.
+
+    run = Run.build(cfg)        # model (+ vision tower), method applied, data, optimizer, schedule
+    summary = run.train()       # returns the end-of-run summary (also printed and written to summary.json)
+
+The loss of one optimizer step is the token-level mean over every trained token of the global batch (all
+micro-batches, all processes): each micro-batch contributes its sum of token losses divided by the global
+count, so gradient accumulation and data parallelism give the same update as one big batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mmkernels.models import Llama, LlamaConfig
+from mmkernels.models.loading import atomic_write
+from mmkernels.train import checkpoint as ckpt
+from mmkernels.train import distributed as dist_utils
+from mmkernels.train import method_specs
+from mmkernels.train.config import TrainConfig
+
+IGNORE = -100
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} was asked for, but no CUDA device is visible")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """The learning-rate factor at optimizer step `step` (0-based): linear warmup from 1/warmup to 1 over
+    `warmup` steps, then a cosine from 1 down to min_ratio at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup - 1)
+    progress = min(1.0, (step - warmup) / span)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lm_head_parts(model: Llama):
+    """(weight, bias) such that logits = h W^T + b, differentiable in the lm_head's trainable parameters."""
+    head = model.lm_head
+    if isinstance(head, nn.Linear):
+        return head.weight, head.bias
+    folded = getattr(head, "folded", None)
+    if folded is None:
+        raise TypeError(f"fused_loss: the lm_head is a {type(head).__name__}, which has no folded() (W, b); "
+                        "set fused_loss = false to use the module itself")
+    return folded()
+
+
+def token_loss_sum(model: Llama, hidden: torch.Tensor, labels: torch.Tensor, fused: bool,
+                   chunk: Optional[int]) -> torch.Tensor:
+    """Sum over the trained tokens of the next-token cross-entropy; hidden (B, T, d), labels (B, T)."""
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    target = labels[:, 1:].reshape(-1)
+    if fused:
+        from mmkernels.ops.linear_cross_entropy import linear_cross_entropy
+
+        weight, bias = lm_head_parts(model)
+        return linear_cross_entropy(h, weight.to(h.dtype), target, bias=None if bias is None else bias.to(h.dtype),
+                                        ignore_index=IGNORE, reduction="sum", chunk_size=chunk)
+    logits = model.lm_head(h).float()
+    return F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum")
+
+
+class LossModule(nn.Module):
+    """The model with its loss, as one module: what DDP wraps and FSDP2 shards as the root, so that the
+    lm_head weight is used inside the root's forward (the fused loss reads it directly, not through lm_head())."""
+
+    def __init__(self, model: Llama, fused: bool, chunk: Optional[int]) -> None:
+        super().__init__()
+        self.model, self.fused, self.chunk = model, fused, chunk
+
+    def forward(self, inputs: Dict[str, Any], labels: Optional[torch.Tensor] = None,
+                last: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """labels (B, T): the summed token loss; last (B,): float32 logits at those positions instead."""
+        hidden = self.model(**inputs, hidden_only=True)
+        if labels is not None:
+            return token_loss_sum(self.model, hidden, labels, self.fused, self.chunk)
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        weight, bias = lm_head_parts(self.model)
+        logits = h.float() @ weight.float().t()
+        return logits if bias is None else logits + bias.float()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB (process RSS)
+
+
+@dataclasses.dataclass
+class Run:
+    cfg: TrainConfig
+    device: torch.device
+    dtype: torch.dtype
+    model: Llama
+    module: nn.Module  # what forward runs: the LossModule, or its DDP wrapper / FSDP2 root
+    tokenizer: Any
+    vision: Optional[nn.Module]
+    spec: method_specs.MethodSpec
+    params: Dict[str, nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loader: Any
+    eval_set: Any
+    dist: dist_utils.DistInfo
+    step: int = 0
+    history: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    # -- building -------------------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, cfg: TrainConfig, *, quiet: bool = False) -> "Run":
+        from mmkernels.train import data as data_mod
+
+        dist = dist_utils.init(cfg.distributed)
+        device = dist.device if dist.world_size > 1 else resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        model, tokenizer = build_model(cfg, device, dtype)
+        vision = build_vision(cfg, device, dtype)
+        data_mod.check_tokenizer(tokenizer, model.config.vocab_size)
+        spec = method_specs.get(cfg.method)
+        torch.manual_seed(cfg.seed)  # the adapter init
+        spec.apply(model, cfg.method_options, vision)
+        model.gradient_checkpointing = cfg.grad_checkpointing
+        train_samples, eval_set = build_data(cfg, tokenizer, vision, model)
+        if vision is None and any(s.image is not None for s in train_samples):
+            raise ValueError("data: the samples have images but no vision tower is configured (set `vision`)")
+        module = dist_utils.wrap(LossModule(model, cfg.fused_loss, cfg.loss_chunk), dist)
+        # After wrapping: FSDP2 replaces the parameters by sharded ones.
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not params:
+            raise ValueError(f"method {cfg.method!r} left no trainable parameter with options {cfg.method_options}")
+        for name, p in params.items():
+            if p.dtype != torch.float32:
+                raise TypeError(f"trainable parameter {name}: expected float32 (master weights), got {p.dtype}")
+        optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                      weight_decay=cfg.weight_decay)
+        if spec.attach is not None:
+            spec.attach(optimizer, model)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+        loader = data_mod.Loader(train_samples, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=True,
+                                 pad_id=pad_id(tokenizer, model), packed=cfg.pack, max_len=cfg.max_len,
+                                 rank=dist.rank, world_size=dist.world_size)
+        return cls(cfg, device, dtype, model, module, tokenizer, vision, spec, params, optimizer, scheduler, loader,
+                   eval_set, dist)
+
+    # -- one step -------------------------------------------------------------------------------------------
+    def _next_batch(self):
+        """The loader's next batch on the device; epochs follow each other without end."""
+        for _ in range(2):
+            if getattr(self, "_iter", None) is None:
+                self._iter = iter(self.loader)
+            try:
+                batch = next(self._iter)
+                break
+            except StopIteration:
+                self._iter = None
+        else:
+            raise RuntimeError("data: the loader yields no batch")
+        return batch._replace(**{k: v.to(self.device) for k, v in batch._asdict().items() if torch.is_tensor(v)})
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16):
+            return torch.autocast("cuda", dtype=self.dtype)
+        return torch.autocast("cpu", enabled=False)
+
+    def inputs(self, batch) -> Dict[str, Any]:
+        """The model's forward arguments for a batch (the method turns images into its visual inputs)."""
+        inputs = self.spec.inputs(self.model, self.vision, batch)
+        if batch.positions is not None:
+            inputs["positions"] = batch.positions
+        if batch.segment_ids is not None:
+            inputs["segment_ids"] = batch.segment_ids
+        return inputs
+
+    def train_step(self) -> Dict[str, float]:
+        cfg = self.cfg
+        batches = [self._next_batch() for _ in range(cfg.grad_accum)]
+        local_tokens = sum(int((b.labels[:, 1:] != IGNORE).sum()) for b in batches)
+        global_tokens = dist_utils.all_reduce_sum(local_tokens, self.dist)
+        total = 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(batches):
+            with dist_utils.no_sync_unless_last(self.module, i == len(batches) - 1), self._autocast():
+                loss_sum = self.module(self.inputs(batch), labels=batch.labels)
+            # Data-parallel gradients are averaged over processes: scale back to a sum over the global batch.
+            (loss_sum * (self.dist.world_size / max(global_tokens, 1))).backward()
+            total += float(loss_sum.detach())
+        grad_norm = 0.0
+        if cfg.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        loss = dist_utils.all_reduce_sum(total, self.dist) / max(global_tokens, 1)
+        tokens = dist_utils.all_reduce_sum(sum(b.input_ids.numel() for b in batches), self.dist)
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "trained_tokens": global_tokens}
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def trainable_state(self) -> Dict[str, torch.Tensor]:
+        return dist_utils.full_tensors(self.params)
+
+    def save_checkpoint(self) -> None:
+        state = {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
+                 "config": self.cfg.to_dict(), "history": self.history}
+        trainable = self.trainable_state()
+        optim = dist_utils.optimizer_state(self.model, self.optimizer, self.params)
+        if self.dist.rank == 0:
+            ckpt.save(self.cfg.out_dir, self.step, trainable, optim, state, self.cfg.keep_checkpoints)
+        dist_utils.barrier(self.dist)
+
+    def resume(self) -> bool:
+        path = ckpt.latest(self.cfg.out_dir)
+        if path is None:
+            return False
+        saved = ckpt.load(path)
+        names = set(self.params)
+        if set(saved["trainable"]) != names:
+            raise ValueError(f"resume: {path} holds parameters {sorted(set(saved['trainable']) ^ names)[:5]}... that "
+                             "differ from this run's trainable parameters (a different method or model?)")
+        with torch.no_grad():
+            for name, p in self.params.items():
+                dist_utils.copy_full_into(p, saved["trainable"][name])
+        dist_utils.load_optimizer_state(self.model, self.optimizer, self.params, saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.loader.load_state_dict(saved["loader"])
+        self._iter = None
+        ckpt.set_rng_state(saved["rng"])
+        self.step = saved["step"]
+        self.history = saved["history"]
+        return True
+
+    def _log(self, row: Dict[str, Any]) -> None:
+        if self.dist.rank != 0:
+            return
+        with open(os.path.join(self.cfg.out_dir, "metrics.jsonl"), "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def evaluate(self) -> Optional[Dict[str, float]]:
+        if self.eval_set is None:
+            return None
+        from mmkernels.train import evaluate as ev
+
+        with self._autocast():
+            return ev.choice_accuracy(self, self.eval_set)
+
+    def train(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        resumed = cfg.resume and self.resume()
+        say = self.dist.rank == 0
+        if say:
+            n_train = sum(p.numel() for p in self.params.values())
+            n_all = sum(p.numel() for p in self.model.parameters())
+            print(f"mmkernels train: {cfg.method} on {self.model.config.num_hidden_layers}-layer LLaMA "
+                  f"(hidden {self.model.config.hidden_size}) on {self.device}, {self.dtype}; trainable "
+                  f"{n_train:,} of {n_all:,} ({100 * n_train / n_all:.3f}%)"
+                  + (f"; resumed at step {self.step}" if resumed else ""), flush=True)
+        before = None if resumed else self.evaluate()
+        if before is not None and say:
+            print(f"held-out accuracy before training: {_fmt_acc(before)}", flush=True)
+            self._log({"step": self.step, "eval": before})
+        start, tokens_done, loss = time.perf_counter(), 0, float("nan")
+        while self.step < cfg.max_steps:
+            row = self.train_step()
+            tokens_done += row["tokens"]
+            loss = row["loss"]
+            elapsed = time.perf_counter() - start
+            row.update(step=self.step, time_s=round(elapsed, 3), tokens_per_s=tokens_done / max(elapsed, 1e-9),
+                       peak_mem_mb=round(peak_memory_mb(self.device), 1))
+            self.history.append({"step": self.step, "loss": loss})
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                self._log(row)
+            if say and cfg.progress:
+                _progress(self.step, cfg.max_steps, row)
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                acc = self.evaluate()
+                if acc is not None:
+                    self._log({"step": self.step, "eval": acc})
+            if cfg.save_every and self.step % cfg.save_every == 0:
+                self.save_checkpoint()
+        if say and cfg.progress:
+            print(file=sys.stderr)
+        elapsed = time.perf_counter() - start
+        after = self.evaluate()
+        self.save_checkpoint()
+        dist_utils.save_adapter(self.spec, self.model, self.params, os.path.join(cfg.out_dir, "adapter"), self.dist)
+        if say:
+            from mmkernels.train.inference import write_run_info
+
+            write_run_info(os.path.join(cfg.out_dir, "adapter"), cfg)
+        n_train = sum(p.numel() for p in self.params.values())
+        n_all = sum(p.numel() for p in self.model.parameters())
+        summary = {"method": cfg.method, "steps": self.step, "trainable_params": n_train,
+                   "trainable_pct": 100 * n_train / n_all, "time_s": round(elapsed, 2),
+                   "tokens_per_s": round(tokens_done / max(elapsed, 1e-9), 1),
+                   "peak_mem_mb": round(peak_memory_mb(self.device), 1), "final_loss": loss,
+                   "eval_before": before, "eval_after": after, "device": str(self.device),
+                   "world_size": self.dist.world_size,
+                   "rank_max_diff": dist_utils.max_rank_difference(self.params, self.dist)}
+        if say:
+            self._log({"step": self.step, "eval": after, "summary": True})
+            atomic_write(os.path.join(cfg.out_dir, "summary.json"),
+                         lambda tmp: open(tmp, "w", encoding="utf-8").write(json.dumps(summary, indent=2)))
+            print_summary(summary, cfg.out_dir)
+        return summary
+
+
+def _fmt_acc(acc: Dict[str, float]) -> str:
+    parts = [f"{k} {100 * v:.1f}%" for k, v in acc.items() if not k.startswith("chance")]
+    chance = acc.get("chance")
+    return ", ".join(parts) + (f" (chance {100 * chance:.1f}%)" if chance is not None else "")
+
+
+def _progress(step: int, total: int, row: Dict[str, Any]) -> None:
+    width = 24
+    done = int(width * step / total)
+    print(f"\r[{'#' * done}{'.' * (width - done)}] step {step}/{total} loss {row['loss']:.4f} "
+          f"lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s peak {row['peak_mem_mb']:.0f} MB",
+          end="", file=sys.stderr, flush=True)
+
+
+def print_summary(summary: Dict[str, Any], out_dir: str) -> None:
+    print(f"trained {summary['steps']} steps in {summary['time_s']} s: final loss {summary['final_loss']:.4f}, "
+          f"{summary['tokens_per_s']:,.0f} tokens/s, peak memory {summary['peak_mem_mb']:,.0f} MB, trainable "
+          f"{summary['trainable_params']:,} ({summary['trainable_pct']:.3f}%)")
+    if summary["eval_before"] is not None:
+        print(f"held-out accuracy: before {_fmt_acc(summary['eval_before'])}")
+    if summary["eval_after"] is not None:
+        print(f"                   after  {_fmt_acc(summary['eval_after'])}")
+    print(f"adapter: {os.path.join(out_dir, 'adapter')}; metrics: {os.path.join(out_dir, 'metrics.jsonl')}")
+
+
+# -- model, vision tower and data ---------------------------------------------------------------------------
+def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
+    from mmkernels.models.tokenizer import ByteTokenizer, load_tokenizer
+
+    if cfg.model is None:
+        torch.manual_seed(cfg.seed)  # the built-in model's random weights depend on the seed only
+        model = Llama(LlamaConfig.tiny()).to(device=device, dtype=dtype)
+        tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else ByteTokenizer()
+    else:
+        model = Llama.from_pretrained(cfg.model, dtype=dtype, device=device)
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    return model, tokenizer
+
+
+def tiny_vision_config():
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=32, patch_size=8, projection_dim=64)
+
+
+def build_vision(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Optional[nn.Module]:
+    from mmkernels.models.vision import VisionTower
+
+    if cfg.vision is None:
+        return None
+    if cfg.vision == "tiny":
+        torch.manual_seed(cfg.seed + 1)
+        tower = VisionTower.from_config(tiny_vision_config())
+    else:
+        tower = VisionTower.from_pretrained(cfg.vision)
+    return tower.to(device=device, dtype=dtype).eval()
+
+
+def image_size(vision: Optional[nn.Module]) -> int:
+    return vision.clip.config.image_size if vision is not None else 224
+
+
+def pad_id(tokenizer, model: Llama) -> int:
+    for source in (tokenizer, model.config):
+        for attr in ("pad_id", "pad_token_id", "eos_id", "eos_token_id"):
+            value = getattr(source, attr, None)
+            if isinstance(value, (list, tuple)):
+                value = value[0] if value else None
+            if isinstance(value, int):
+                return value
+    return 0
+
+
+def build_data(cfg: TrainConfig, tokenizer, vision, model):
+    """(training samples, held-out multiple-choice set or None)."""
+    from mmkernels.train import data as data_mod
+
+    if cfg.data is None:
+        from mmkernels.train import demo
+
+        data_dir = os.path.join(cfg.out_dir, "demo-data")
+        paths = demo.write_dataset(data_dir, cfg.demo_samples, cfg.demo_eval_samples, cfg.seed,
+                                   image_size(vision))
+        train_path, eval_path, fmt = paths["train"], paths["eval"], "scienceqa"
+    else:
+        train_path, eval_path, fmt = cfg.data, cfg.eval_data, cfg.data_format
+    size = image_size(vision)
+    if fmt == "instruction":
+        samples = data_mod.instruction_samples(train_path, tokenizer, cfg.max_len)
+    elif fmt == "multimodal":
+        samples = data_mod.multimodal_samples(train_path, tokenizer, cfg.max_len, size, image_root=cfg.image_root)
+    else:
+        samples = data_mod.scienceqa_samples(train_path, tokenizer, cfg.max_len, size, image_root=cfg.image_root)
+    eval_set = None
+    if eval_path is not None:
+        eval_set = data_mod.scienceqa_choices(eval_path, tokenizer, size, image_root=cfg.image_root)
+    return samples, eval_set

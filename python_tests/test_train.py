@@ -1,0 +1,260 @@
+"""The trainer: configuration, schedule, loss normalisation, checkpoints and resume, memory estimate, bad input.
+
+Runs use the built-in tiny LLaMA (random init) on small synthetic demo sets so each takes seconds on CPU.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mmkernels.train import config as train_config
+from mmkernels.train import memory, trainer
+from mmkernels.train.config import TrainConfig
+
+SMALL = dict(vision="tiny", demo_samples=24, demo_eval_samples=12, batch_size=4, max_steps=4, progress=False,
+             max_len=160, warmup_steps=1)
+
+
+def _cfg(tmp_path, **kw):
+    return TrainConfig(**{**SMALL, "out_dir": str(tmp_path / "run"), **kw})
+
+
+def _params(run):
+    return {n: p.detach().clone() for n, p in run.params.items()}
+
+
+# -- configuration --------------------------------------------------------------------------------------------
+def _parse(argv):
+    from mmkernels.cli import build_parser
+
+    return train_config.from_args(build_parser().parse_args(["train", *argv]))
+
+
+def test_config_file_and_flags(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('lr = 0.01\nbatch_size = 3\n[method_options]\nprompt_len = 4\nversion = 2\n')
+    cfg = _parse(["--config", str(path), "--batch-size", "5", "--method-option", "gate_fn=raw"])
+    assert (cfg.lr, cfg.batch_size) == (0.01, 5)
+    assert cfg.method_options == {"prompt_len": 4, "version": 2, "gate_fn": "raw"}
+
+
+def test_config_yaml_and_json(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"max_steps": 7}))
+    assert _parse(["--config", str(tmp_path / "c.json")]).max_steps == 7
+    pytest.importorskip("yaml")
+    (tmp_path / "c.yaml").write_text("max_steps: 9\n")
+    assert _parse(["--config", str(tmp_path / "c.yaml")]).max_steps == 9
+
+
+def test_config_unknown_key_is_named(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("learning_rate = 0.1\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['learning_rate'\]"):
+        _parse(["--config", str(path)])
+
+
+def test_config_bad_values():
+    with pytest.raises(ValueError, match="batch_size: expected a positive integer, got 0"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="method: expected one of"):
+        TrainConfig(method="prefix_tuning")
+    with pytest.raises(ValueError, match="--method-option: expected KEY=VALUE"):
+        train_config.parse_method_options(["version"])
+
+
+def test_every_option_is_documented():
+    from mmkernels.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices["train"]
+    text = sub.format_help()
+    for f in train_config.dataclasses.fields(TrainConfig):
+        flag = "--method-option" if f.name == "method_options" else "--" + f.name.replace("_", "-")
+        assert flag in text, flag
+
+
+def test_unknown_method_option_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['prompt_length'\]"):
+        trainer.Run.build(_cfg(tmp_path, method_options={"prompt_length": 4}))
+
+
+# -- schedule and loss normalisation ---------------------------------------------------------------------------
+def test_warmup_cosine():
+    f = [trainer.warmup_cosine(s, 4, 20, 0.1) for s in range(20)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert f[4] == pytest.approx(1.0) and f[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[4:], f[5:]))
+    mid = 4 + (20 - 4 - 1) / 2
+    assert trainer.warmup_cosine(int(mid * 2) // 2, 4, 20, 0.0) == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * (int(mid) - 4) / 15)))
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path):
+    """The token-level mean over the global batch: 2 micro-batches of 4 give the loss and gradients of 1
+    batch of 8 (gradients compared before the optimizer, whose normalisation would amplify rounding)."""
+    runs = []
+    for bs, accum in ((8, 1), (4, 2)):
+        run = trainer.Run.build(_cfg(tmp_path / f"{bs}", batch_size=bs, grad_accum=accum, max_grad_norm=0.0,
+                                     method_options={"gate_init": 0.5}))
+        run.loader.shuffle = False
+        loss = run.train_step()["loss"]
+        runs.append((loss, {n: p.grad.clone() for n, p in run.params.items()}))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-6)
+    for name, g in runs[0][1].items():
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(runs[1][1][name], g, rtol=1e-4, atol=1e-6 * g.abs().max().item(), msg=name)
+
+
+def test_only_trainable_parameters_change_and_have_optimizer_state(tmp_path):
+    run = trainer.Run.build(_cfg(tmp_path))
+    frozen = {n: p.detach().clone() for n, p in run.model.named_parameters() if not p.requires_grad}
+    run.train_step()
+    for n, p in run.model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen[n]), n
+    state_params = {id(p) for p in run.optimizer.state}
+    assert state_params == {id(p) for p in run.params.values()}
+
+
+# -- checkpoints and resume ---------------------------------------------------------------------------------------
+def test_resume_in_process_continues_exactly(tmp_path):
+    full = trainer.Run.build(_cfg(tmp_path / "a", max_steps=6))
+    full.train()
+    a = [json.loads(l) for l in open(tmp_path / "a/run/metrics.jsonl")]
+    part = trainer.Run.build(_cfg(tmp_path / "b", max_steps=6, save_every=3))
+    for _ in range(3):
+        part.history.append({"step": part.step + 1, "loss": part.train_step()["loss"]})
+    part.save_checkpoint()
+    resumed = trainer.Run.build(_cfg(tmp_path / "b", max_steps=6, save_every=3, resume=True))
+    assert resumed.resume() and resumed.step == 3
+    losses = [resumed.train_step()["loss"] for _ in range(3)]
+    expected = [r["loss"] for r in a if "loss" in r][3:6]
+    assert losses == pytest.approx(expected, rel=1e-6, abs=1e-7)
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "mmkernels.cli", "train", *args]
+
+
+def test_killed_run_resumes_to_the_same_loss_curve(tmp_path):
+    """SIGKILL a run once it has written a checkpoint; --resume reaches the uninterrupted run's losses."""
+    common = ["--vision", "tiny", "--demo-samples", "32", "--demo-eval-samples", "8", "--batch-size", "4",
+              "--max-steps", "10", "--save-every", "2", "--no-progress", "--max-len", "160", "--no-fused-loss"]
+    ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run(_cli(*common, "--out-dir", str(ref_dir)), check=True, capture_output=True)
+    proc = subprocess.Popen(_cli(*common, "--out-dir", str(killed_dir)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = killed_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (killed_dir / "checkpoints" / "latest").exists() and metrics.exists() and \
+                sum(1 for l in open(metrics) if '"loss"' in l) >= 5:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed: make it longer"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    subprocess.run(_cli(*common, "--out-dir", str(killed_dir), "--resume"), check=True, capture_output=True)
+
+    def curve(d):
+        rows = [json.loads(l) for l in open(d / "metrics.jsonl") if '"loss"' in l]
+        return {r["step"]: r["loss"] for r in rows}  # a resumed run rewrites the steps after its checkpoint
+
+    ref, got = curve(ref_dir), curve(killed_dir)
+    assert sorted(got) == list(range(1, 11))
+    for step, loss in ref.items():
+        assert got[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
+    a = json.load(open(ref_dir / "summary.json"))
+    b = json.load(open(killed_dir / "summary.json"))
+    assert b["eval_after"] == a["eval_after"]
+
+
+def test_checkpoint_is_atomic_and_pruned(tmp_path):
+    from mmkernels.train import checkpoint as ckpt
+
+    run = trainer.Run.build(_cfg(tmp_path, keep_checkpoints=2))
+    for _ in range(3):
+        run.train_step()
+        run.save_checkpoint()
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(os.listdir(root)) == ["latest", "step_00000002", "step_00000003"]
+    assert ckpt.latest(str(tmp_path / "run")).endswith("step_00000003")
+
+
+# -- memory estimate -------------------------------------------------------------------------------------------
+def _saved_bytes(run):
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    batch = run._next_batch()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run.model(**run.inputs(batch), hidden_only=True)
+    return total[0], batch.input_ids.numel()
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_estimate_matches_the_model(tmp_path, recompute):
+    cfg = _cfg(tmp_path, vision=None, grad_checkpointing=recompute, data=str(tmp_path / "d.jsonl"),
+               data_format="instruction", max_len=64, batch_size=2)
+    rows = [{"instruction": "x" * 40, "output": "y" * 23}] * 4  # 64 tokens each with bos/eos and the template
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg.max_len = 256
+    est = memory.estimate(cfg)
+    run = trainer.Run.build(cfg)
+    n = sum(p.numel() for p in run.params.values())
+    assert est["optimizer"] == 8 * n and est["gradients"] == 4 * n
+    assert est["weights"] == sum(p.numel() * p.element_size() for p in run.model.parameters())
+    saved, tokens = _saved_bytes(run)
+    per_token_est = (est["activations"]) / (cfg.batch_size * cfg.max_len)
+    per_token = saved / tokens
+    assert 0.6 < per_token / per_token_est < 1.4, (per_token, per_token_est)
+
+
+def test_estimate_command(capsys):
+    from mmkernels.cli import main
+
+    assert main(["train", "--estimate", "--vision", "tiny"]) == 0
+    out = capsys.readouterr().out
+    for key in ("weights", "gradients", "optimizer", "activations", "logits", "total"):
+        assert key in out
+
+
+# -- bad input ---------------------------------------------------------------------------------------------------
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n')
+    with pytest.raises(ValueError, match=rf"{path}:2"):
+        trainer.Run.build(_cfg(tmp_path, vision=None, data=str(path), data_format="instruction"))
+
+
+def test_missing_image_is_named(tmp_path):
+    path = tmp_path / "mm.jsonl"
+    path.write_text(json.dumps({"question": "q?", "choices": ["a", "b"], "answer": 0, "image": "nope.npy"}) + "\n")
+    with pytest.raises(ValueError, match=r"mm.jsonl:1.*nope.npy"):
+        trainer.Run.build(_cfg(tmp_path, data=str(path), data_format="scienceqa"))
+
+
+def test_tokenizer_model_mismatch(tmp_path):
+    from mmkernels.models import Llama, LlamaConfig
+
+    cfg = LlamaConfig.tiny()
+    cfg.vocab_size = 200  # smaller than the byte tokenizer's 259 ids
+    cfg.pad_token_id = cfg.bos_token_id = cfg.eos_token_id = 0
+    Llama(cfg).save_pretrained(str(tmp_path / "m"))
+    with pytest.raises((ValueError, OSError), match="tokenizer"):
+        trainer.Run.build(_cfg(tmp_path, model=str(tmp_path / "m"), vision=None))
+
+
+def test_images_with_a_text_only_method(tmp_path):
+    with pytest.raises(ValueError, match="'lora' is text-only"):
+        run = trainer.Run.build(_cfg(tmp_path, method="lora"))
+        run.train_step()
