@@ -14,6 +14,12 @@ dk and dv are reduced over the group in registers and written once (no atomics, 
 optional prompt segment (HAS_PROMPT, gated attention): extra dk/dv programs for its key blocks, and a
 second key loop in dq, so the gated backward costs the same launches as the plain one.
 
+Packed samples (HAS_SEGMENTS, S == T): query t and key j of a row interact only when their segment ids
+are equal. The ids are compared as loaded (int32 or int64), so the mask is right for any ids. On top of
+the mask, key (query) blocks outside the span of the block's segments are skipped: `segment_ranges` gives
+each position the [lo, hi) run of its id when the row's ids are non-decreasing (then every id is one
+contiguous run), and [0, T) otherwise, so rows that break that order are only masked, never skipped wrongly.
+
 A query that sees no key keeps m = -inf and l = 0: its output is 0 and its lse is +inf, which makes every
 probability recomputed in the backward exp(s - inf) = 0.
 """
@@ -38,10 +44,12 @@ def _attn_fwd_segment(
     qk_scale,
     offs_d,
     CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    SEG_K=None, seg_m=None, HAS_SEGMENTS: tl.constexpr = False,
 ):
     """Online-softmax accumulation of q against keys [lo, hi) of one segment (K, V point at its row 0).
 
-    Key j is visible when kv_lo <= j < seq_k and, if CAUSAL, j <= row_pos (the query's absolute position).
+    Key j is visible when kv_lo <= j < seq_k, if CAUSAL, j <= row_pos (the query's absolute position) and,
+    if HAS_SEGMENTS, SEG_K[j] == seg_m (the queries' segment ids; SEG_K at the sample's position 0).
     Scores are in base-2 units: qk_scale includes log2(e).
     """
     for start_n in range(lo, hi, BLOCK_N):
@@ -52,6 +60,9 @@ def _attn_fwd_segment(
         visible = in_seq[None, :] & (offs_n[None, :] >= kv_lo)
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= row_pos[:, None])
+        if HAS_SEGMENTS:
+            seg_n = tl.load(SEG_K + offs_n, mask=in_seq, other=0)
+            visible = visible & (seg_n[None, :] == seg_m[:, None])
         qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # Rows with nothing visible yet keep m = -inf; shift them by 0 so no inf - inf appears.
@@ -67,8 +78,10 @@ def _attn_fwd_segment(
 
 @triton.jit
 def _key_range(KV_START, b, start_m, seq_q, seq_k,
-               CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(kv_lo, lo, hi): the first visible key of sample b, and the key-block range a query block scans."""
+               CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               SEG_LO=None, SEG_HI=None, HAS_SEGMENTS: tl.constexpr = False):
+    """(kv_lo, lo, hi): the first visible key of sample b, and the key-block range a query block scans.
+    With HAS_SEGMENTS, SEG_LO / SEG_HI (at sample b) bound the keys each query's segment may hold."""
     kv_lo = 0
     if HAS_KV_START:
         kv_lo = tl.load(KV_START + b).to(tl.int32)
@@ -76,6 +89,13 @@ def _key_range(KV_START, b, start_m, seq_q, seq_k,
     hi = seq_k
     if CAUSAL:
         hi = tl.minimum(seq_k, start_m + BLOCK_M + (seq_k - seq_q))
+    if HAS_SEGMENTS:
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < seq_q
+        seg_lo = tl.min(tl.load(SEG_LO + offs_m, mask=row_ok, other=seq_k), 0)
+        seg_hi = tl.max(tl.load(SEG_HI + offs_m, mask=row_ok, other=0), 0)
+        lo = tl.maximum(lo, (seg_lo // BLOCK_N) * BLOCK_N)
+        hi = tl.minimum(hi, seg_hi)
     return kv_lo, lo, hi
 
 
@@ -90,7 +110,7 @@ def _gate(G, h, GATE_STRIDE, GATE_TANH: tl.constexpr):
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, KV_START,
+    Q, K, V, O, LSE, KV_START, SEG, SEG_RANGE,
     PK, PV, G, O_MAIN, LSE_P,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -100,7 +120,7 @@ def _attn_fwd(
     stride_pvb, stride_pvt, stride_pvh,
     H, GROUP, seq_q, seq_k, seq_p, GATE_STRIDE,
     qk_scale,
-    CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
     HAS_PROMPT: tl.constexpr, GATE_TANH: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -120,7 +140,12 @@ def _attn_fwd(
 
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    kv_lo, lo, hi = _key_range(KV_START, b, start_m, seq_q, seq_k, CAUSAL, HAS_KV_START, BLOCK_M, BLOCK_N)
+    # Segment ids (B, T) and their key spans (B, 2, T), contiguous; S == T when HAS_SEGMENTS.
+    seg_b = SEG + b * seq_q
+    seg_m = tl.load(seg_b + offs_m, mask=row_ok, other=0) if HAS_SEGMENTS else None
+    span = SEG_RANGE + b * 2 * seq_q
+    kv_lo, lo, hi = _key_range(KV_START, b, start_m, seq_q, seq_k, CAUSAL, HAS_KV_START, BLOCK_M, BLOCK_N,
+                               span, span + seq_q, HAS_SEGMENTS)
 
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -130,6 +155,7 @@ def _attn_fwd(
         K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh, stride_kt, stride_vt,
         lo, hi, seq_k, kv_lo, row_pos, qk_scale, offs_d,
         CAUSAL=CAUSAL, BLOCK_N=BLOCK_N, PRECISION=PRECISION,
+        SEG_K=seg_b, seg_m=seg_m, HAS_SEGMENTS=HAS_SEGMENTS,
     )
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -182,11 +208,13 @@ def _dkdv_segment(
     kvh, GROUP, seq_q, seq_k, start_n, kv_lo, sm_scale, GATE_STRIDE,
     CAUSAL: tl.constexpr, GATED: tl.constexpr, GATE_TANH: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    SEG=None, SEG_LO=None, SEG_HI=None, HAS_SEGMENTS: tl.constexpr = False,
 ):
     """dk, dv of keys [start_n, start_n + BLOCK_N) of one segment, summed over the GROUP query heads of kv
     head kvh. Q, DO: at the sample's row 0; LSE, DELTA: at the sample's (h=0, t=0); K, V, DK, DV: at the
     segment's (sample, kvh) row 0. GATED: the segment enters the output as g_h * softmax(.) V, so its dO is
-    g_h dO (DELTA then already holds g_h rowsum(dO * O_segment))."""
+    g_h dO (DELTA then already holds g_h rowsum(dO * O_segment)). HAS_SEGMENTS (S == T): query t sees key j
+    only when SEG[t] == SEG[j]; SEG_LO / SEG_HI bound the queries that share a key's segment."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n < seq_k
@@ -198,16 +226,22 @@ def _dkdv_segment(
     qk_scale = sm_scale * 1.4426950408889634
 
     lo = 0
+    hi = seq_q
     if CAUSAL:
         # Query t sees key j when t >= j - (seq_k - seq_q); earlier query blocks see none of this block.
         first = tl.maximum(start_n - (seq_k - seq_q), 0)
         lo = (first // BLOCK_M) * BLOCK_M
+    if HAS_SEGMENTS:
+        seg_n = tl.load(SEG + offs_n, mask=col_ok, other=0)
+        seg_lo = tl.min(tl.load(SEG_LO + offs_n, mask=col_ok, other=seq_q), 0)
+        lo = tl.maximum(lo, (seg_lo // BLOCK_M) * BLOCK_M)
+        hi = tl.minimum(hi, tl.max(tl.load(SEG_HI + offs_n, mask=col_ok, other=0), 0))
     for g in range(0, GROUP):
         h = kvh * GROUP + g
         gh = 1.0
         if GATED:
             gh = _gate(G, h, GATE_STRIDE, GATE_TANH)
-        for start_m in range(lo, seq_q, BLOCK_M):
+        for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < seq_q
             q = tl.load(Q + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None],
@@ -221,6 +255,9 @@ def _dkdv_segment(
             visible = col_visible[:, None] & row_ok[None, :]
             if CAUSAL:
                 visible = visible & (offs_n[:, None] <= (offs_m + (seq_k - seq_q))[None, :])
+            if HAS_SEGMENTS:
+                seg_m = tl.load(SEG + offs_m, mask=row_ok, other=0)
+                visible = visible & (seg_n[:, None] == seg_m[None, :])
             pt = tl.where(visible, tl.math.exp2(qkt - lse2[None, :]), 0.0)
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             if GATED:
@@ -237,7 +274,7 @@ def _dkdv_segment(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KV_START,
+    Q, K, V, DO, LSE, DELTA, DK, DV, KV_START, SEG, SEG_RANGE,
     PK, PV, DPK, DPV, LSE_P, DELTA_P, G,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -251,7 +288,8 @@ def _attn_bwd_dkdv(
     stride_dpvb, stride_dpvt, stride_dpvh,
     H, H_KV, GROUP, seq_q, seq_k, seq_p, main_blocks, GATE_STRIDE,
     sm_scale,
-    CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_PROMPT: tl.constexpr, GATE_TANH: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+    HAS_PROMPT: tl.constexpr, GATE_TANH: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Programs [0, main_blocks) take the key blocks of the main segment; with HAS_PROMPT the programs after
@@ -288,6 +326,8 @@ def _attn_bwd_dkdv(
             kvh, GROUP, seq_q, seq_k, pid * BLOCK_N, kv_lo, sm_scale, GATE_STRIDE,
             CAUSAL=CAUSAL, GATED=False, GATE_TANH=GATE_TANH,
             HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PRECISION=PRECISION,
+            SEG=SEG + b * seq_q, SEG_LO=SEG_RANGE + b * 2 * seq_q, SEG_HI=SEG_RANGE + (b * 2 + 1) * seq_q,
+            HAS_SEGMENTS=HAS_SEGMENTS,
         )
 
 
@@ -296,9 +336,10 @@ def _dq_segment(
     dq, q, do, lse2, delta, K, V, stride_kt, stride_vt,
     lo, hi, seq_k, kv_lo, row_pos, row_ok, qk_scale, gh, offs_d,
     CAUSAL: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    SEG_K=None, seg_m=None, HAS_SEGMENTS: tl.constexpr = False,
 ):
     """Adds to dq the gradient through keys [lo, hi) of one segment (K, V at its row 0); lse2 in base 2.
-    GATED: the segment's dO is gh * do (delta already includes gh)."""
+    GATED: the segment's dO is gh * do (delta already includes gh). HAS_SEGMENTS: as in _attn_fwd_segment."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_seq = offs_n < seq_k
@@ -308,6 +349,9 @@ def _dq_segment(
         visible = in_seq[None, :] & (offs_n[None, :] >= kv_lo) & row_ok[:, None]
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= row_pos[:, None])
+        if HAS_SEGMENTS:
+            seg_n = tl.load(SEG_K + offs_n, mask=in_seq, other=0)
+            visible = visible & (seg_n[None, :] == seg_m[:, None])
         p = tl.where(visible, tl.math.exp2(qk - lse2[:, None]), 0.0)
         dp = tl.dot(do, vt, input_precision=PRECISION)
         if GATED:
@@ -319,7 +363,7 @@ def _dq_segment(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, KV_START,
+    Q, K, V, DO, LSE, DELTA, DQ, KV_START, SEG, SEG_RANGE,
     PK, PV, LSE_P, DELTA_P, G,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -330,7 +374,8 @@ def _attn_bwd_dq(
     stride_pvb, stride_pvt, stride_pvh,
     H, GROUP, seq_q, seq_k, seq_p, GATE_STRIDE,
     sm_scale,
-    CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_PROMPT: tl.constexpr, GATE_TANH: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+    HAS_PROMPT: tl.constexpr, GATE_TANH: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dq of one query block: the main segment, then (HAS_PROMPT) the prompt segment; written once."""
@@ -350,13 +395,18 @@ def _attn_bwd_dq(
                  mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(LSE + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
-    kv_lo, lo, hi = _key_range(KV_START, b, start_m, seq_q, seq_k, CAUSAL, HAS_KV_START, BLOCK_M, BLOCK_N)
+    seg_b = SEG + b * seq_q
+    seg_m = tl.load(seg_b + offs_m, mask=row_ok, other=0) if HAS_SEGMENTS else None
+    span = SEG_RANGE + b * 2 * seq_q
+    kv_lo, lo, hi = _key_range(KV_START, b, start_m, seq_q, seq_k, CAUSAL, HAS_KV_START, BLOCK_M, BLOCK_N,
+                               span, span + seq_q, HAS_SEGMENTS)
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     dq = _dq_segment(
         dq, q, do, lse2, delta, K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh,
         stride_kt, stride_vt, lo, hi, seq_k, kv_lo, row_pos, row_ok, qk_scale, 1.0, offs_d,
         CAUSAL=CAUSAL, GATED=False, BLOCK_N=BLOCK_N, PRECISION=PRECISION,
+        SEG_K=seg_b, seg_m=seg_m, HAS_SEGMENTS=HAS_SEGMENTS,
     )
     if HAS_PROMPT:
         lse2_p = tl.load(LSE_P + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
@@ -394,10 +444,36 @@ def _strides3(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def segment_ranges(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 2, T) int32: [:, 0] / [:, 1] = the start / end (exclusive) of the run of equal ids that holds each
+    position, for rows whose ids are non-decreasing (each id is then one contiguous run, so no position
+    outside the run can share it); [0, T) in every other row. Sync-free: no host check of the order."""
+    bsz, seq = segment_ids.shape
+    idx = torch.arange(seq, dtype=torch.int32, device=segment_ids.device).expand(bsz, seq)
+    differs = segment_ids[:, 1:] != segment_ids[:, :-1]
+    edge = torch.ones((bsz, 1), dtype=torch.bool, device=segment_ids.device)
+    starts = torch.cat((edge, differs), 1)
+    ends = torch.cat((differs, edge), 1)
+    lo = torch.where(starts, idx, 0).cummax(1).values
+    hi = torch.where(ends, idx + 1, seq).flip(1).cummin(1).values.flip(1)
+    ordered = (segment_ids[:, 1:] >= segment_ids[:, :-1]).all(1, keepdim=True)
+    lo = torch.where(ordered, lo, 0)
+    hi = torch.where(ordered, hi, seq)
+    return torch.stack((lo, hi), 1).to(torch.int32).contiguous()
+
+
+def _segment_args(segment_ids: Optional[torch.Tensor], dummy: torch.Tensor):
+    """(SEG, SEG_RANGE) kernel arguments; the dummy is never read without HAS_SEGMENTS."""
+    if segment_ids is None:
+        return dummy, dummy
+    return segment_ids.contiguous(), segment_ranges(segment_ids)
+
+
 def attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: Optional[torch.Tensor], causal: bool, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: Optional[torch.Tensor], causal: bool, scale: float,
+    segment_ids: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Returns (out (B, T, H, D), lse (B, H, T) float32)."""
+    """Returns (out (B, T, H, D), lse (B, H, T) float32). segment_ids (B, T) int32/int64 needs S == T."""
     bsz, seq_q, heads, dim = q.shape
     seq_k, heads_kv = k.shape[1], k.shape[2]
     out = torch.empty((bsz, seq_q, heads, dim), dtype=q.dtype, device=q.device)
@@ -408,11 +484,12 @@ def attention_fwd(
     grid = (triton.cdiv(seq_q, block_m), bsz * heads)
     no_prompt = (k, v, lse, out, lse)  # PK, PV, G, O_MAIN, LSE_P: never read without HAS_PROMPT
     _attn_fwd[grid](
-        q, k, v, out, lse, kv_start if kv_start is not None else lse, *no_prompt,
+        q, k, v, out, lse, kv_start if kv_start is not None else lse, *_segment_args(segment_ids, lse), *no_prompt,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), *_strides3(k), *_strides3(v),
         heads, heads // heads_kv, seq_q, seq_k, 0, 0,
         scale * LOG2E,
-        CAUSAL=causal, HAS_KV_START=kv_start is not None, HAS_PROMPT=False, GATE_TANH=False,
+        CAUSAL=causal, HAS_KV_START=kv_start is not None, HAS_SEGMENTS=segment_ids is not None,
+        HAS_PROMPT=False, GATE_TANH=False,
         HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=16, PRECISION=_precision(q.dtype),
         num_warps=warps, num_stages=stages,
     )
@@ -429,6 +506,7 @@ def attention_bwd(
     kv_start: Optional[torch.Tensor],
     causal: bool,
     scale: float,
+    segment_ids: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv) in the shapes and dtypes of q, k, v."""
     bsz, seq_q, heads, dim = q.shape
@@ -440,7 +518,7 @@ def attention_bwd(
         out, dout, delta, *_strides3(out), *_strides3(dout), heads, seq_q,
         HEAD_DIM=dim, BLOCK_M=block_m, num_warps=warps,
     )
-    return backward_kernels(q, k, v, dout, lse, delta, kv_start, causal, scale)
+    return backward_kernels(q, k, v, dout, lse, delta, kv_start, causal, scale, segment_ids=segment_ids)
 
 
 def batch_strides(t: torch.Tensor, bsz: int):
@@ -471,8 +549,10 @@ def backward_kernels(
     causal: bool,
     scale: float,
     prompt: Optional[PromptGrad] = None,
+    segment_ids: Optional[torch.Tensor] = None,
 ):
     """The two backward launches (dk/dv, then dq), given lse and delta = rowsum(dO * O_main).
+    segment_ids (B, T), S == T: packed samples, masking the main segment only.
 
     Returns (dq, dk, dv) or, with a prompt, (dq, dk, dv, d_prompt_k, d_prompt_v): the prompt's key blocks
     are extra programs of the dk/dv launch, and its dq term a second segment of the dq kernel. Prompt
@@ -501,18 +581,20 @@ def backward_kernels(
         pk_strides, pv_strides = batch_strides(pk, bsz), batch_strides(pv, bsz)
         dpk_strides, dpv_strides = _strides3(dpk), _strides3(dpv)
     ks = kv_start if kv_start is not None else lse
-    common = dict(CAUSAL=causal, HAS_KV_START=kv_start is not None, HAS_PROMPT=prompt is not None,
+    seg, seg_range = _segment_args(segment_ids, lse)
+    common = dict(CAUSAL=causal, HAS_KV_START=kv_start is not None, HAS_SEGMENTS=segment_ids is not None,
+                  HAS_PROMPT=prompt is not None,
                   GATE_TANH=prompt is not None and prompt.gate_tanh, HEAD_DIM=dim, PRECISION=_precision(q.dtype),
                   num_warps=warps, num_stages=stages)
     _attn_bwd_dkdv[(main_blocks + prompt_blocks, bsz * heads_kv)](
-        q, k, v, dout, lse, delta, dk, dv, ks, pk, pv, dpk, dpv, lse_p, delta_p, gate,
+        q, k, v, dout, lse, delta, dk, dv, ks, seg, seg_range, pk, pv, dpk, dpv, lse_p, delta_p, gate,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dk), *_strides3(dv),
         *pk_strides, *pv_strides, *dpk_strides, *dpv_strides,
         heads, heads_kv, heads // heads_kv, seq_q, seq_k, seq_p, main_blocks, gate_stride, scale,
         BLOCK_M=bwd_m, BLOCK_N=bwd_n, **common,
     )
     _attn_bwd_dq[(triton.cdiv(seq_q, bwd_n), bsz * heads)](
-        q, k, v, dout, lse, delta, dq, ks, pk, pv, lse_p, delta_p, gate,
+        q, k, v, dout, lse, delta, dq, ks, seg, seg_range, pk, pv, lse_p, delta_p, gate,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dq), *pk_strides, *pv_strides,
         heads, heads // heads_kv, seq_q, seq_k, seq_p, gate_stride, scale,
         BLOCK_M=bwd_n, BLOCK_N=bwd_m, **common,

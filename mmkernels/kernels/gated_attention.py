@@ -10,7 +10,8 @@ rowsum(dO * O_main), delta_prompt = g rowsum(dO * O_prompt) and rowsum(dO * O_pr
 gradient). Then the attention backward kernels run with the prompt as a second segment: the prompt's key
 blocks are extra programs of the dk/dv launch (no mask, dO scaled by g_h), and the dq kernel adds the
 prompt term after the main one and writes dq once. A shared prompt (batch 1) is read with batch stride 0
-and its gradients summed over the batch.
+and its gradients summed over the batch. With packed samples (segment_ids) the segment mask applies to
+the main segment only; every query still sees the whole prompt.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from mmkernels.kernels.attention import (
     _config,
     _gate,
     _precision,
+    _segment_args,
     _strides3,
     PromptGrad,
     backward_kernels,
@@ -83,9 +85,11 @@ def _prompt_block(seq_p: int) -> int:
 
 
 def gated_attention_fwd(
-    q, k, v, prompt_k, prompt_v, gate, kv_start: Optional[torch.Tensor], causal: bool, scale: float, gate_tanh: bool
+    q, k, v, prompt_k, prompt_v, gate, kv_start: Optional[torch.Tensor], causal: bool, scale: float, gate_tanh: bool,
+    segment_ids: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out (B, T, H, D), out_main (the main term alone), lse (B, H, T), lse_prompt (B, H, T))."""
+    """Returns (out (B, T, H, D), out_main (the main term alone), lse (B, H, T), lse_prompt (B, H, T)).
+    segment_ids (B, T) (S == T) masks the main segment only: every query sees the whole prompt."""
     bsz, seq_q, heads, dim = q.shape
     seq_k, heads_kv = k.shape[1], k.shape[2]
     seq_p = prompt_k.shape[1]
@@ -98,13 +102,14 @@ def gated_attention_fwd(
     block_m, block_n, warps, stages = _config(dim, q.device)
     grid = (triton.cdiv(seq_q, block_m), bsz * heads)
     _attn_fwd[grid](
-        q, k, v, out, lse, kv_start if kv_start is not None else lse,
+        q, k, v, out, lse, kv_start if kv_start is not None else lse, *_segment_args(segment_ids, lse),
         prompt_k, prompt_v, gate, out_main, lse_p,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
         *batch_strides(prompt_k, bsz), *batch_strides(prompt_v, bsz),
         heads, heads // heads_kv, seq_q, seq_k, seq_p, 0 if gate.numel() == 1 else 1,
         scale * LOG2E,
-        CAUSAL=causal, HAS_KV_START=kv_start is not None, HAS_PROMPT=True, GATE_TANH=gate_tanh,
+        CAUSAL=causal, HAS_KV_START=kv_start is not None, HAS_SEGMENTS=segment_ids is not None,
+        HAS_PROMPT=True, GATE_TANH=gate_tanh,
         HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=_prompt_block(seq_p),
         PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
     )
@@ -113,7 +118,7 @@ def gated_attention_fwd(
 
 def gated_attention_bwd(
     dout, q, k, v, prompt_k, prompt_v, gate, out_main, lse, lse_p, kv_start: Optional[torch.Tensor], causal: bool,
-    scale: float, gate_tanh: bool,
+    scale: float, gate_tanh: bool, segment_ids: Optional[torch.Tensor] = None,
 ):
     """Returns (dq, dk, dv, d_prompt_k, d_prompt_v, d_gate), each shaped like its input."""
     bsz, seq_q, heads, dim = q.shape
@@ -132,7 +137,7 @@ def gated_attention_bwd(
         num_warps=warps,
     )
     prompt = PromptGrad(prompt_k, prompt_v, lse_p, delta_p, gate, gate_tanh)
-    dq, dk, dv, dpk, dpv = backward_kernels(q, k, v, dout, lse, delta, kv_start, causal, scale, prompt)
+    dq, dk, dv, dpk, dpv = backward_kernels(q, k, v, dout, lse, delta, kv_start, causal, scale, prompt, segment_ids)
     if prompt_k.shape[0] == 1 and bsz > 1:
         dpk, dpv = dpk.float().sum(0, keepdim=True), dpv.float().sum(0, keepdim=True)
     dgate = dgate_rows.sum(dim=(0, 2))  # (H,)

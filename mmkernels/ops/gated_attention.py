@@ -6,7 +6,8 @@ The zero-init gated attention of LLaMA-Adapter (gate per head (H,) or one scalar
 the default of the official training code, or "raw" as in PEFT's AdaptionPrompt and litgpt), and, with a
 float gate and causal=False, the decoupled cross-attention of IP-Adapter / MACS (fixed scale lambda).
 q (B, T, H, D); k, v (B, S, H_kv, D); prompt_k, prompt_v (1 or B, L_p, H_kv, D), batch 1 shared by all
-samples. A zero gate gives exactly the base attention. Gradients: q, k, v, prompt_k, prompt_v (summed over
+samples. segment_ids (B, T) (packed samples, S == T) masks the main segment as in `attention`; the prompt
+stays visible to every query. A zero gate gives exactly the base attention. Gradients: q, k, v, prompt_k, prompt_v (summed over
 the batch when shared) and gate.
 """
 
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from mmkernels import _checks, backend
-from mmkernels.ops.attention import _kernel_kv_start, _unit_last, _validate_attention
+from mmkernels.ops.attention import _kernel_kv_start, _kernel_segment_ids, _unit_last, _validate_attention
 from mmkernels.reference import attention as attn_ref
 from mmkernels.reference import gated_attention as ref
 
@@ -34,7 +35,7 @@ def _expand(t: Tensor, bsz: int) -> Tensor:
 @torch.library.custom_op("mmkernels::gated_prompt_attention_fwd", mutates_args=())
 def gated_prompt_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, prompt_k: Tensor, prompt_v: Tensor, gate: Tensor, kv_start: Optional[Tensor],
-    causal: bool, scale: float, gate_fn: str, impl: str,
+    causal: bool, scale: float, gate_fn: str, impl: str, segment_ids: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, the main term alone, lse of the main segment, lse of the prompt segment); lse: (B, H, T) float32.
     The backward saves the main term rather than out: the same memory as plain attention."""
@@ -42,24 +43,27 @@ def gated_prompt_attention_fwd(
         from mmkernels.kernels import gated_attention as kernels
 
         return kernels.gated_attention_fwd(q, k, v, prompt_k, prompt_v, gate, kv_start, causal, scale,
-                                           gate_fn == "tanh")
-    return ref.gated_prompt_attention_with_lse(q, k, v, prompt_k, prompt_v, gate, causal, gate_fn, scale, kv_start)
+                                           gate_fn == "tanh", segment_ids)
+    return ref.gated_prompt_attention_with_lse(q, k, v, prompt_k, prompt_v, gate, causal, gate_fn, scale, kv_start,
+                                               segment_ids)
 
 
 @torch.library.custom_op("mmkernels::gated_prompt_attention_bwd", mutates_args=())
 def gated_prompt_attention_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, prompt_k: Tensor, prompt_v: Tensor, gate: Tensor, out_main: Tensor,
     lse: Tensor, lse_p: Tensor, kv_start: Optional[Tensor], causal: bool, scale: float, gate_fn: str, impl: str,
+    segment_ids: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if impl == "triton":
         from mmkernels.kernels import gated_attention as kernels
 
         return kernels.gated_attention_bwd(dout, q, k, v, prompt_k, prompt_v, gate, out_main, lse, lse_p, kv_start,
-                                           causal, scale, gate_fn == "tanh")
+                                           causal, scale, gate_fn == "tanh", segment_ids)
     bsz = q.shape[0]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     g = ref.gate_values(gate.to(acc), gate_fn)
-    dq, dk, dv = attn_ref.attention_backward(dout.to(acc), q.to(acc), k.to(acc), v.to(acc), causal, scale, kv_start)
+    dq, dk, dv = attn_ref.attention_backward(dout.to(acc), q.to(acc), k.to(acc), v.to(acc), causal, scale, kv_start,
+                                             segment_ids)
     pk, pv = _expand(prompt_k.to(acc), bsz), _expand(prompt_v.to(acc), bsz)
     dout_p = dout.to(acc) * g.view(1, 1, -1, 1)
     dq_p, dpk, dpv = attn_ref.attention_backward(dout_p, q.to(acc), pk, pv, False, scale, None)
@@ -76,29 +80,30 @@ def gated_prompt_attention_bwd(
 
 
 @gated_prompt_attention_fwd.register_fake
-def _(q, k, v, prompt_k, prompt_v, gate, kv_start, causal, scale, gate_fn, impl):
+def _(q, k, v, prompt_k, prompt_v, gate, kv_start, causal, scale, gate_fn, impl, segment_ids=None):
     bsz, seq_q, heads, _ = q.shape
     lse = q.new_empty(bsz, heads, seq_q, dtype=torch.float32)
     return q.new_empty(q.shape), q.new_empty(q.shape), lse, torch.empty_like(lse)
 
 
 @gated_prompt_attention_bwd.register_fake
-def _(dout, q, k, v, prompt_k, prompt_v, gate, out_main, lse, lse_p, kv_start, causal, scale, gate_fn, impl):
+def _(dout, q, k, v, prompt_k, prompt_v, gate, out_main, lse, lse_p, kv_start, causal, scale, gate_fn, impl,
+      segment_ids=None):
     return tuple(t.new_empty(t.shape) for t in (q, k, v, prompt_k, prompt_v, gate))
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, prompt_k, prompt_v, gate, kv_start, causal, scale, gate_fn, impl = inputs
+    q, k, v, prompt_k, prompt_v, gate, kv_start, causal, scale, gate_fn, impl, segment_ids = inputs
     _out, out_main, lse, lse_p = output
-    ctx.save_for_backward(q, k, v, prompt_k, prompt_v, gate, out_main, lse, lse_p, kv_start)
+    ctx.save_for_backward(q, k, v, prompt_k, prompt_v, gate, out_main, lse, lse_p, kv_start, segment_ids)
     ctx.causal, ctx.scale, ctx.gate_fn, ctx.impl = causal, scale, gate_fn, impl
 
 
 def _backward(ctx, dout, _dout_main, _dlse, _dlse_p):
-    q, k, v, prompt_k, prompt_v, gate, out_main, lse, lse_p, kv_start = ctx.saved_tensors
+    q, k, v, prompt_k, prompt_v, gate, out_main, lse, lse_p, kv_start, segment_ids = ctx.saved_tensors
     grads = gated_prompt_attention_bwd(_unit_last(dout), q, k, v, prompt_k, prompt_v, gate, out_main, lse, lse_p,
-                                       kv_start, ctx.causal, ctx.scale, ctx.gate_fn, ctx.impl)
-    return (*grads, None, None, None, None, None)
+                                       kv_start, ctx.causal, ctx.scale, ctx.gate_fn, ctx.impl, segment_ids)
+    return (*grads, None, None, None, None, None, None)
 
 
 gated_prompt_attention_fwd.register_autograd(_backward, setup_context=_setup)
@@ -142,18 +147,20 @@ def gated_prompt_attention(
     gate_fn: str = "tanh",
     scale: Optional[float] = None,
     kv_start: Optional[Tensor] = None,
+    segment_ids: Optional[Tensor] = None,
 ) -> Tensor:
     """Attention over (k, v) plus g * attention over (prompt_k, prompt_v), one fused kernel; (B, T, H, D).
 
     gate: a tensor of shape (H,) or (1,) (learned), or a float (a fixed scale, no gradient).
+    segment_ids (B, T), S == T: packed samples; masks the (k, v) segment only, the prompt is seen by all.
     """
-    scale = _validate_attention(q, k, v, causal, scale, kv_start)
+    scale = _validate_attention(q, k, v, causal, scale, kv_start, segment_ids)
     gate = validate_prompt(q, k, prompt_k, prompt_v, gate, gate_fn)
 
     impl = backend.select(OP, q.device)
     kv_start = _kernel_kv_start(impl, q, kv_start)
     out, _, _, _ = gated_prompt_attention_fwd(
         _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(prompt_k), _unit_last(prompt_v),
-        gate.contiguous(), kv_start, bool(causal), float(scale), gate_fn, impl,
+        gate.contiguous(), kv_start, bool(causal), float(scale), gate_fn, impl, _kernel_segment_ids(segment_ids),
     )
     return out
