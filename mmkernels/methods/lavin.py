@@ -141,11 +141,12 @@ class MoMAttention(nn.Module):
                          "runs the modality routing pass), or pass a kv_cache that a lavin.forward prefill filled")
 
     def forward(self, x, cos, sin, layer: int, kv_cache: Optional[KVCache], kv_start: Optional[torch.Tensor],
-                visual_prompts: Optional[torch.Tensor] = None):
+                visual_prompts: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None):
         w = self._weights(x, layer, kv_cache)
         if w.shape[0] != x.shape[0]:
             raise ValueError(f"LaVIN routing weights: expected {x.shape[0]} rows (the batch), got {w.shape[0]}")
-        return self.attn(self.adapter(x, router_w=w), cos, sin, layer, kv_cache, kv_start, visual_prompts)
+        return self.attn(self.adapter(x, router_w=w), cos, sin, layer, kv_cache, kv_start, visual_prompts,
+                         segment_ids)
 
 
 @contextlib.contextmanager
@@ -320,6 +321,17 @@ def route(model: Llama, modality: torch.Tensor) -> Dict[int, torch.Tensor]:
         model(inputs_embeds=tokens)  # its logits are not needed; the blocks record the weights
     index = modality.to(rows.device)
     return {layer: w[index] for layer, w in r.weights.items()}
+
+
+@contextlib.contextmanager
+def routed(model: Llama, modality: Union[int, torch.Tensor]) -> Iterator[Dict[int, torch.Tensor]]:
+    """Inside the block, plain model(...) calls use the routing weights of `modality` (0/1 or (B,)), computed
+    on entry by the routing pass (differentiable: a trainer's loss reaches the routers through them)."""
+    device = model.modality_embedding.weight.device
+    batch = modality.shape[0] if isinstance(modality, torch.Tensor) else 1
+    weights = route(model, _modality(modality, batch, TEXT, device))
+    with _routing(model, _Routing(record=False, weights=weights)):
+        yield weights
 
 
 def forward(model: Llama, input_ids: Optional[torch.Tensor] = None, *, inputs_embeds: Optional[torch.Tensor] = None,

@@ -44,7 +44,7 @@ class Attention(nn.Module):
         self.prompt: Optional[nn.Module] = None
 
     def forward(self, x, cos, sin, layer: int, kv_cache: Optional[KVCache], kv_start: Optional[torch.Tensor],
-                visual_prompts: Optional[torch.Tensor] = None):
+                visual_prompts: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None):
         bsz, seq, _ = x.shape
         q = self.q_proj(x).view(bsz, seq, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(bsz, seq, self.n_kv_heads, self.head_dim)
@@ -58,10 +58,10 @@ class Attention(nn.Module):
             prompt = {} if seg is None else dict(prompt_k=seg.k, prompt_v=seg.v, gate=seg.gate, gate_fn=seg.gate_fn)
             out = ops.decode_attention(q, k, v, kv_start=kv_start, **prompt)
         elif seg is None:
-            out = ops.attention(q, k, v, causal=True, kv_start=kv_start)
+            out = ops.attention(q, k, v, causal=True, kv_start=kv_start, segment_ids=segment_ids)
         else:
             out = ops.gated_prompt_attention(q, k, v, seg.k, seg.v, seg.gate, causal=True, gate_fn=seg.gate_fn,
-                                             kv_start=kv_start)
+                                             kv_start=kv_start, segment_ids=segment_ids)
         return self.o_proj(out.reshape(bsz, seq, self.n_heads * self.head_dim))
 
 
@@ -85,14 +85,14 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, residual, cos, sin, kv_cache, kv_start, visual_prompts=None):
+    def forward(self, x, residual, cos, sin, kv_cache, kv_start, visual_prompts=None, segment_ids=None):
         """x: the previous sublayer's output (not yet added); residual: the stream before it (or None).
         Returns this block's MLP output and the stream before it, for the next fused add + norm."""
         if residual is None:
             h, normed = x, self.input_layernorm(x)
         else:
             normed, h = self.input_layernorm(x, residual)
-        attn = self.self_attn(normed, cos, sin, self.layer, kv_cache, kv_start, visual_prompts)
+        attn = self.self_attn(normed, cos, sin, self.layer, kv_cache, kv_start, visual_prompts, segment_ids)
         normed, h = self.post_attention_layernorm(attn, h)
         return self.mlp(normed), h
 
@@ -122,6 +122,7 @@ class Llama(nn.Module):
         kv_start: Optional[torch.Tensor] = None,
         visual_prompts: Optional[torch.Tensor] = None,
         hidden_only: bool = False,
+        segment_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """input_ids (B, T) -> float32 logits (B, T, vocab).
 
@@ -135,6 +136,8 @@ class Llama(nn.Module):
         V2); with a KV cache, give them at the prefill only: the prompt keys/values are kept in the cache.
         hidden_only: return the final normed hidden states (B, T, hidden) in the model dtype instead of the
         logits (a trainer applies lm_head inside a chunked fused loss, never materialising all logits).
+        segment_ids (B, T) int32/int64: several samples packed in a row (no KV cache); a token attends only to
+        earlier tokens with its id, and (when positions is not given) each sample's rotary positions restart at 0.
 
         With `gradient_checkpointing` set (and grad enabled) each block's activations are recomputed in the
         backward instead of saved.
@@ -153,6 +156,15 @@ class Llama(nn.Module):
             x = inputs_embeds
         seq = x.shape[1]
         past = kv_cache.length if kv_cache is not None else 0
+        if segment_ids is not None:
+            if kv_cache is not None:
+                raise ValueError("segment_ids: packed samples need a forward without kv_cache, got a kv_cache")
+            if positions is None:
+                # Each packed sample starts at rotary position 0, as when it runs alone.
+                idx = torch.arange(seq, device=x.device).expand(segment_ids.shape[0], seq)
+                new = torch.ones_like(segment_ids, dtype=torch.bool)
+                new[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+                positions = idx - torch.where(new, idx, 0).cummax(1).values
         if positions is None:
             positions = torch.arange(past, past + seq, device=x.device)
         if positions.dim() not in (1, 2) or positions.shape[-1] != seq:
@@ -162,10 +174,10 @@ class Llama(nn.Module):
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and kv_cache is None
         for block in self.layers:
             if recompute:
-                x, residual = checkpoint(block, x, residual, cos, sin, None, kv_start, visual_prompts,
+                x, residual = checkpoint(block, x, residual, cos, sin, None, kv_start, visual_prompts, segment_ids,
                                          use_reentrant=False)
             else:
-                x, residual = block(x, residual, cos, sin, kv_cache, kv_start, visual_prompts)
+                x, residual = block(x, residual, cos, sin, kv_cache, kv_start, visual_prompts, segment_ids)
         if kv_cache is not None:
             kv_cache.advance(seq)
         x, _ = self.norm(x, residual)

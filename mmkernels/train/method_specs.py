@@ -7,13 +7,25 @@ for the multimodal methods), and saves/loads/merges the adapter.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, ContextManager, Dict, Optional
 
 import torch
 from torch import nn
 
 from mmkernels.models import Llama
+
+
+@dataclasses.dataclass
+class ModelInputs:
+    """What one forward of the model takes for a batch: keyword arguments of Llama.forward, the number of
+    positions the method prepends before the text (visual tokens; their labels are ignored), and a context
+    the forward runs in (e.g. where HyperLLaVA reads its guidance)."""
+
+    kwargs: Dict[str, Any]
+    prefix: int = 0
+    context: Callable[[], ContextManager] = contextlib.nullcontext
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,17 +36,17 @@ class MethodSpec:
     save: Callable[[Llama, str], None]
     load: Callable[[Llama, str], Llama]
     merge: Optional[Callable[[Llama], Llama]]
-    inputs: Callable[[Llama, Optional[nn.Module], Any], Dict[str, Any]]
+    inputs: Callable[[Llama, Optional[nn.Module], Any, torch.Tensor], ModelInputs]  # (.., batch, prompt_end)
     multimodal: bool = False
     attach: Optional[Callable[[torch.optim.Optimizer, Llama], Any]] = None  # e.g. PaCA's column sync
 
 
 def _text_inputs(name: str):
-    def inputs(model: Llama, vision, batch) -> Dict[str, Any]:
-        if getattr(batch, "images", None) is not None:
+    def inputs(model: Llama, vision, batch, prompt_end) -> ModelInputs:
+        if batch.images is not None:
             raise ValueError(f"method {name!r} is text-only, but the batch has images; use a multimodal method "
-                             "(llama_adapter with a vision tower, lavin, hyperllava) or text data")
-        return {"input_ids": batch.input_ids}
+                             "(llama_adapter or hyperllava with a vision tower) or text data")
+        return ModelInputs({"input_ids": batch.input_ids})
 
     return inputs
 
@@ -49,18 +61,18 @@ def _llama_adapter() -> MethodSpec:
             options.setdefault("vision_dim", vision.hidden_size)
         m.apply(model, m.LlamaAdapterConfig.from_dict(options))
 
-    def inputs(model, vision, batch):
+    def inputs(model, vision, batch, prompt_end):
         out: Dict[str, Any] = {"input_ids": batch.input_ids}
-        images = getattr(batch, "images", None)
+        images = batch.images
         if images is None:
-            return out
+            return ModelInputs(out)
         if vision is None or getattr(model, "visual_projection", None) is None:
             raise ValueError("the batch has images but the model has no vision path: set `vision` (a CLIP directory "
                              "or 'tiny') so LLaMA-Adapter V2 gets a visual projection")
         prompts = m.encode_images(model, vision, images)
         # Text-only samples of a mixed batch get no visual prompt (their adaption prompts stay static).
         out["visual_prompts"] = prompts * batch.has_image.to(prompts.dtype)[:, None, None]
-        return out
+        return ModelInputs(out)
 
     return MethodSpec("llama_adapter", apply, m.adapter_parameters, m.save_adapter, m.load_adapter, m.merge, inputs,
                       multimodal=True)
@@ -80,10 +92,74 @@ def _paca() -> MethodSpec:
                       m.save_adapter, m.load_adapter, m.merge, _text_inputs("paca"), attach=m.sync_after_step)
 
 
+def _compacter() -> MethodSpec:
+    from mmkernels.methods import compacter as m
+
+    return MethodSpec("compacter", lambda model, o, v: m.apply(model, m.CompacterConfig.from_dict(o)),
+                      m.adapter_parameters, m.save_adapter, m.load_adapter, None, _text_inputs("compacter"))
+
+
+def _hyperllava() -> MethodSpec:
+    from mmkernels.methods import hyperllava as m
+
+    def apply(model, options, vision):
+        options = dict(options)
+        if vision is not None:
+            options.setdefault("vision_dim", vision.hidden_size)
+        options.setdefault("language_layers", max(1, len(model.layers) // 2))
+        m.apply(model, m.HyperLLaVAConfig.from_dict(options))
+
+    def inputs(model, vision, batch, prompt_end):
+        prefix, kwargs = 0, {"input_ids": batch.input_ids}
+        if batch.images is not None:
+            if vision is None or getattr(model, "visual_projector", None) is None:
+                raise ValueError("the batch has images but the model has no vision path: set `vision` so HyperLLaVA "
+                                 "gets a projector")
+            # Text-only samples of a mixed batch see the features of a blank (zero) image.
+            features = vision(batch.images)
+            kwargs = {"inputs_embeds": m.embed_multimodal(model, batch.input_ids, features)}
+            prefix = features.shape[1]
+        # The guidance is the last prompt token, so that no prediction sees the answer through the experts.
+        position = prefix + prompt_end
+        return ModelInputs(kwargs, prefix, lambda: m.guidance_at(model, position))
+
+    return MethodSpec("hyperllava", apply, m.adapter_parameters, m.save_adapter, m.load_adapter, None, inputs,
+                      multimodal=True)
+
+
+def _lavin() -> MethodSpec:
+    from mmkernels.methods import lavin as m
+
+    def apply(model, options, vision):
+        options = dict(options)
+        if vision is not None:  # LaVIN's [CLS] of every 4th layer; a tower with fewer layers uses each layer
+            options.setdefault("visual_layer_stride", min(4, vision.clip.config.num_hidden_layers))
+        m.apply(model, m.LaVINConfig.from_dict(options), vision=vision)
+
+    def inputs(model, vision, batch, prompt_end):
+        if batch.images is None:
+            modality = torch.zeros(batch.input_ids.shape[0], dtype=torch.long, device=batch.input_ids.device)
+            return ModelInputs({"input_ids": batch.input_ids}, 0, lambda: m.routed(model, modality))
+        if getattr(model, "lavin_vision", None) is None:
+            raise ValueError("the batch has images but LaVIN was applied without a vision tower: set `vision`")
+        modality = batch.has_image.long()
+        # Text-only samples of a mixed batch get zero visual tokens (and the text-only routing).
+        visual = m.encode_images(model, batch.images) * batch.has_image[:, None, None]
+        text = model.embed_tokens(batch.input_ids)
+        embeds = torch.cat([visual.to(text.dtype), text], dim=1)
+        return ModelInputs({"inputs_embeds": embeds}, visual.shape[1], lambda: m.routed(model, modality))
+
+    return MethodSpec("lavin", apply, m.adapter_parameters, m.save_adapter, m.load_adapter, None, inputs,
+                      multimodal=True)
+
+
 _BUILDERS: Dict[str, Callable[[], MethodSpec]] = {
+    "lavin": _lavin,
     "llama_adapter": _llama_adapter,
     "lora": _lora,
     "paca": _paca,
+    "compacter": _compacter,
+    "hyperllava": _hyperllava,
 }
 
 

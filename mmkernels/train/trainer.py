@@ -93,16 +93,27 @@ class LossModule(nn.Module):
         super().__init__()
         self.model, self.fused, self.chunk = model, fused, chunk
 
-    def forward(self, inputs: Dict[str, Any], labels: Optional[torch.Tensor] = None,
+    def forward(self, inputs: method_specs.ModelInputs, labels: Optional[torch.Tensor] = None,
                 last: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """labels (B, T): the summed token loss; last (B,): float32 logits at those positions instead."""
-        hidden = self.model(**inputs, hidden_only=True)
+        """labels (B, T): the summed token loss; last (B,): float32 logits at those text positions instead."""
+        with inputs.context():
+            hidden = self.model(**inputs.kwargs, hidden_only=True)
         if labels is not None:
+            if inputs.prefix:
+                labels = F.pad(labels, (inputs.prefix, 0), value=IGNORE)
             return token_loss_sum(self.model, hidden, labels, self.fused, self.chunk)
-        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last + inputs.prefix]
         weight, bias = lm_head_parts(self.model)
         logits = h.float() @ weight.float().t()
         return logits if bias is None else logits + bias.float()
+
+
+def prompt_ends(labels: torch.Tensor) -> torch.Tensor:
+    """(B,) the position before each row's first trained label (the row's last position when none is)."""
+    trained = labels != IGNORE
+    first = trained.float().argmax(dim=1)
+    first = torch.where(trained.any(dim=1), first, torch.full_like(first, labels.shape[1]))
+    return (first - 1).clamp_min(0)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -190,13 +201,16 @@ class Run:
             return torch.autocast("cuda", dtype=self.dtype)
         return torch.autocast("cpu", enabled=False)
 
-    def inputs(self, batch) -> Dict[str, Any]:
-        """The model's forward arguments for a batch (the method turns images into its visual inputs)."""
-        inputs = self.spec.inputs(self.model, self.vision, batch)
+    def inputs(self, batch, prompt_end: Optional[torch.Tensor] = None) -> method_specs.ModelInputs:
+        """The model's forward arguments for a batch (the method turns images into its visual inputs).
+        prompt_end (B,): each row's last prompt position (default: before its first trained label)."""
+        if prompt_end is None:
+            prompt_end = prompt_ends(batch.labels)
+        inputs = self.spec.inputs(self.model, self.vision, batch, prompt_end)
         if batch.positions is not None:
-            inputs["positions"] = batch.positions
+            inputs.kwargs["positions"] = batch.positions
         if batch.segment_ids is not None:
-            inputs["segment_ids"] = batch.segment_ids
+            inputs.kwargs["segment_ids"] = batch.segment_ids
         return inputs
 
     def train_step(self) -> Dict[str, float]:
