@@ -197,7 +197,7 @@ def _saved_bytes(run):
 
     batch = run._next_batch()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run.model(**run.inputs(batch).kwargs, hidden_only=True)
+        run.model(**run.loss_module.inputs(batch).kwargs, hidden_only=True)
     return total[0], batch.input_ids.numel()
 
 

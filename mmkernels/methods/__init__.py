@@ -1,1 +1,1 @@
-"""One file per paper: a config and apply(model, cfg). Filled by the method issues."""
+"""One file per paper: a config and apply(model, cfg): llama_adapter, lora, paca, lavin, compacter, hyperllava."""

@@ -1,1 +1,1 @@
-"""Trainer, data, checkpoints, memory features. Filled by the training-engine issue."""
+"""Trainer (`mmkernels train`), data, checkpoints, memory estimate, distributed training, serving of adapters."""

@@ -26,7 +26,7 @@ def choice_accuracy(run, items: Sequence, batch_size: int = 32) -> Dict[str, flo
             batch = collate(samples, pad_id(run.tokenizer, model))
             batch = batch._replace(**{k: v.to(run.device) for k, v in batch._asdict().items() if torch.is_tensor(v)})
             last = torch.tensor([len(it.prompt_ids) - 1 for it in chunk], device=run.device)
-            logits = run.module(run.inputs(batch, prompt_end=last), last=last)
+            logits = run.module(batch, last=last)
             pred = choice_predictions(logits.float().cpu(), chunk)
             for it, p in zip(chunk, pred.tolist()):
                 correct["image" if it.image is not None else "text"].append(p == it.answer)

@@ -86,19 +86,36 @@ def token_loss_sum(model: Llama, hidden: torch.Tensor, labels: torch.Tensor, fus
 
 
 class LossModule(nn.Module):
-    """The model with its loss, as one module: what DDP wraps and FSDP2 shards as the root, so that the
-    lm_head weight is used inside the root's forward (the fused loss reads it directly, not through lm_head())."""
+    """The model with its method's inputs and its loss, as one module: what DDP wraps and FSDP2 shards as the
+    root, so that every trainable weight (the visual projection that turns images into the method's inputs,
+    the lm_head weight the fused loss reads directly) is used inside the root's forward."""
 
-    def __init__(self, model: Llama, fused: bool, chunk: Optional[int]) -> None:
+    def __init__(self, model: Llama, spec: method_specs.MethodSpec, vision: Optional[nn.Module], fused: bool,
+                 chunk: Optional[int]) -> None:
         super().__init__()
         self.model, self.fused, self.chunk = model, fused, chunk
+        self.spec = spec
+        self._vision = [vision]  # not a submodule: the frozen tower is neither sharded nor saved with the model
 
-    def forward(self, inputs: method_specs.ModelInputs, labels: Optional[torch.Tensor] = None,
-                last: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """labels (B, T): the summed token loss; last (B,): float32 logits at those text positions instead."""
+    def inputs(self, batch, prompt_end: Optional[torch.Tensor] = None) -> method_specs.ModelInputs:
+        """The model's forward arguments for a batch (the method turns images into its visual inputs).
+        prompt_end (B,): each row's last prompt position (default: before its first trained label)."""
+        if prompt_end is None:
+            prompt_end = prompt_ends(batch.labels)
+        inputs = self.spec.inputs(self.model, self._vision[0], batch, prompt_end)
+        if batch.positions is not None:
+            inputs.kwargs["positions"] = batch.positions
+        if batch.segment_ids is not None:
+            inputs.kwargs["segment_ids"] = batch.segment_ids
+        return inputs
+
+    def forward(self, batch, last: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The summed token loss of the batch; with last (B,): float32 logits at those text positions instead."""
+        inputs = self.inputs(batch, prompt_end=last)
         with inputs.context():
             hidden = self.model(**inputs.kwargs, hidden_only=True)
-        if labels is not None:
+        if last is None:
+            labels = batch.labels
             if inputs.prefix:
                 labels = F.pad(labels, (inputs.prefix, 0), value=IGNORE)
             return token_loss_sum(self.model, hidden, labels, self.fused, self.chunk)
@@ -130,7 +147,8 @@ class Run:
     device: torch.device
     dtype: torch.dtype
     model: Llama
-    module: nn.Module  # what forward runs: the LossModule, or its DDP wrapper / FSDP2 root
+    loss_module: LossModule
+    module: nn.Module  # what forward runs: the LossModule, or its DDP wrapper (FSDP2 shards it in place)
     tokenizer: Any
     vision: Optional[nn.Module]
     spec: method_specs.MethodSpec
@@ -161,7 +179,8 @@ class Run:
         train_samples, eval_set = build_data(cfg, tokenizer, vision, model)
         if vision is None and any(s.image is not None for s in train_samples):
             raise ValueError("data: the samples have images but no vision tower is configured (set `vision`)")
-        module = dist_utils.wrap(LossModule(model, cfg.fused_loss, cfg.loss_chunk), dist)
+        loss_module = LossModule(model, spec, vision, cfg.fused_loss, cfg.loss_chunk)
+        module = dist_utils.wrap(loss_module, dist)
         # After wrapping: FSDP2 replaces the parameters by sharded ones.
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not params:
@@ -178,8 +197,8 @@ class Run:
         loader = data_mod.Loader(train_samples, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=True,
                                  pad_id=pad_id(tokenizer, model), packed=cfg.pack, max_len=cfg.max_len,
                                  rank=dist.rank, world_size=dist.world_size)
-        return cls(cfg, device, dtype, model, module, tokenizer, vision, spec, params, optimizer, scheduler, loader,
-                   eval_set, dist)
+        return cls(cfg, device, dtype, model, loss_module, module, tokenizer, vision, spec, params, optimizer,
+                   scheduler, loader, eval_set, dist)
 
     # -- one step -------------------------------------------------------------------------------------------
     def _next_batch(self):
@@ -201,18 +220,6 @@ class Run:
             return torch.autocast("cuda", dtype=self.dtype)
         return torch.autocast("cpu", enabled=False)
 
-    def inputs(self, batch, prompt_end: Optional[torch.Tensor] = None) -> method_specs.ModelInputs:
-        """The model's forward arguments for a batch (the method turns images into its visual inputs).
-        prompt_end (B,): each row's last prompt position (default: before its first trained label)."""
-        if prompt_end is None:
-            prompt_end = prompt_ends(batch.labels)
-        inputs = self.spec.inputs(self.model, self.vision, batch, prompt_end)
-        if batch.positions is not None:
-            inputs.kwargs["positions"] = batch.positions
-        if batch.segment_ids is not None:
-            inputs.kwargs["segment_ids"] = batch.segment_ids
-        return inputs
-
     def train_step(self) -> Dict[str, float]:
         cfg = self.cfg
         batches = [self._next_batch() for _ in range(cfg.grad_accum)]
@@ -222,7 +229,7 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(batches):
             with dist_utils.no_sync_unless_last(self.module, i == len(batches) - 1), self._autocast():
-                loss_sum = self.module(self.inputs(batch), labels=batch.labels)
+                loss_sum = self.module(batch)
             # Data-parallel gradients are averaged over processes: scale back to a sum over the global batch.
             (loss_sum * (self.dist.world_size / max(global_tokens, 1))).backward()
             total += float(loss_sum.detach())
