@@ -17,6 +17,11 @@ python3 benchmarks/bench_rms_norm.py --out "$out" --providers mmkernels:cuda,mmk
 python3 benchmarks/bench_decode_attention.py --out "$out" \
     --providers mmkernels:cuda,mmkernels:triton,eager,compile,sdpa_two_pass \
     2>&1 | tee "$out/bench_decode_attention.log" | tail -45
-for op in swiglu rope attention gated_attention llama_adapter_layer; do
+for op in swiglu rope attention gated_attention llama_adapter_layer linear_cross_entropy mom_adapter phm_adapter \
+          dynamic_expert; do
     python3 "benchmarks/bench_${op}.py" --out "$out" 2>&1 | tee "$out/bench_${op}.log" | tail -25
+done
+# The PaCA scripts have many providers x shapes: their target shapes only.
+for op in paca paca_step; do
+    python3 "benchmarks/bench_${op}.py" --quick --out "$out" 2>&1 | tee "$out/bench_${op}.log" | tail -25
 done
