@@ -6,6 +6,7 @@ the argument, the expected and the actual value.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
@@ -79,3 +80,14 @@ def positive_float(name: str, value: object) -> float:
 def one_of(name: str, value: object, allowed: Sequence[object]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}: expected one of {tuple(allowed)}, got {value!r}")
+
+
+def config_from_dict(cls, raw, source: str):
+    """cls(**raw) for a config dataclass, after an error naming every key of `raw` that is not a field."""
+    if not isinstance(raw, dict):
+        raise TypeError(f"{source}: expected a dict of config fields, got {type(raw).__name__}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
+    return cls(**raw)

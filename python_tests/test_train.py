@@ -258,3 +258,16 @@ def test_images_with_a_text_only_method(tmp_path):
     with pytest.raises(ValueError, match="'lora' is text-only"):
         run = trainer.Run.build(_cfg(tmp_path, method="lora"))
         run.train_step()
+
+
+def test_lr_multipliers_by_longest_prefix():
+    from torch import nn
+
+    params = {n: nn.Parameter(torch.zeros(1)) for n in ("visual_projection.a", "visual_projection.out.b", "layers.0.c")}
+    groups = trainer.param_groups(params, 0.1, {"visual_projection": 0.5, "visual_projection.out": 0.0})
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in groups}
+    assert by_lr == {0.05: {id(params["visual_projection.a"])}, 0.0: {id(params["visual_projection.out.b"])},
+                     0.1: {id(params["layers.0.c"])}}
+    with pytest.raises(ValueError, match=r"prefixes \['vision'\] match no trainable parameter"):
+        trainer.param_groups(params, 0.1, {"vision": 2.0})
+    assert _parse(["--lr-multiplier", "visual_projection=0.3"]).lr_multipliers == {"visual_projection": 0.3}

@@ -68,10 +68,7 @@ class CompacterConfig:
 
     @classmethod
     def from_dict(cls, raw: Dict[str, Any]) -> "CompacterConfig":
-        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"adapter config: unknown key(s) {unknown}")
-        return cls(**raw)
+        return _checks.config_from_dict(cls, raw, "adapter config")
 
 
 def _adapt_output(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:

@@ -88,10 +88,7 @@ class HyperLLaVAConfig:
 
     @classmethod
     def from_dict(cls, raw: Dict[str, Any]) -> "HyperLLaVAConfig":
-        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"adapter config: unknown key(s) {unknown}")
-        return cls(**raw)
+        return _checks.config_from_dict(cls, raw, "adapter config")
 
 
 class HyperProjector(nn.Module):

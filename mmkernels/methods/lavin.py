@@ -95,10 +95,7 @@ class LaVINConfig:
 
     @classmethod
     def from_dict(cls, raw: Dict[str, Any]) -> "LaVINConfig":
-        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"adapter config: unknown key(s) {unknown}")
-        return cls(**raw)
+        return _checks.config_from_dict(cls, raw, "adapter config")
 
     def adapter(self, d: int, device) -> MoMAdapter:
         return MoMAdapter(d, self.hidden, self.groups, self.scale, self.tau, self.dropout, device=device)

@@ -102,11 +102,7 @@ class LlamaAdapterConfig:
 
     @classmethod
     def from_dict(cls, raw: Dict[str, Any]) -> "LlamaAdapterConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - fields)
-        if unknown:
-            raise ValueError(f"adapter config: unknown key(s) {unknown}")
-        return cls(**raw)
+        return _checks.config_from_dict(cls, raw, "adapter config")
 
 
 class AdaptionPrompt(nn.Module):

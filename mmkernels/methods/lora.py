@@ -50,10 +50,7 @@ class LoRAConfig:
 
     @classmethod
     def from_dict(cls, raw: Dict[str, Any]) -> "LoRAConfig":
-        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"adapter config: unknown key(s) {unknown}")
-        return cls(**raw)
+        return _checks.config_from_dict(cls, raw, "adapter config")
 
 
 def _targets(model: Llama, names) -> Dict[str, Tuple[nn.Module, str]]:

@@ -55,10 +55,7 @@ class PaCAConfig:
 
     @classmethod
     def from_dict(cls, raw: Dict[str, Any]) -> "PaCAConfig":
-        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"adapter config: unknown key(s) {unknown}")
-        return cls(**raw)
+        return _checks.config_from_dict(cls, raw, "adapter config")
 
 
 def apply(model: Llama, cfg: PaCAConfig) -> Llama:

@@ -14,6 +14,8 @@ import json
 import os
 from typing import Any, Dict, List, Optional
 
+from mmkernels import _checks
+
 METHODS = ("llama_adapter", "lora", "paca", "lavin", "compacter", "hyperllava")
 DATA_FORMATS = ("instruction", "multimodal", "scienceqa")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -31,7 +33,7 @@ class TrainConfig:
     tokenizer: Optional[str] = _opt(None, "tokenizer directory (default: the model directory; the byte "
                                           "tokenizer for the built-in tiny model)")
     vision: Optional[str] = _opt(None, "vision tower: a local CLIP vision directory, 'tiny' (random init), or "
-                                       "unset for text-only training (the demo uses 'tiny')")
+                                       "unset for text-only training (the demo, with data unset, uses 'tiny')")
     dtype: str = _opt("auto", "dtype of the frozen weights: auto (bfloat16 on a GPU, float32 on CPU), float32, "
                               "bfloat16, float16; trainable parameters stay float32 and compute runs under "
                               "autocast in this dtype on a GPU", choices=DTYPES)
@@ -49,10 +51,14 @@ class TrainConfig:
     max_len: int = _opt(256, "maximum tokens per sample (instruction data is truncated on the output side)")
     pack: bool = _opt(False, "pack short text samples into rows of max_len (no attention across samples)")
     # optimisation
-    batch_size: int = _opt(8, "samples per micro-batch (per process)")
+    batch_size: int = _opt(16, "samples per micro-batch (per process)")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    max_steps: int = _opt(60, "optimizer steps")
-    lr: float = _opt(5e-3, "peak learning rate")
+    max_steps: int = _opt(400, "optimizer steps")
+    lr: float = _opt(1.5e-2, "peak learning rate")
+    lr_multipliers: Dict[str, float] = _opt(None, "learning-rate multipliers by parameter-name prefix, e.g. "
+                                                  "{visual_projection = 0.3} (a table in a file; --lr-multiplier "
+                                                  "PREFIX=X); the longest matching prefix applies (the demo, with a "
+                                                  "visual projection, uses visual_projection = 0.3)")
     min_lr_ratio: float = _opt(0.1, "the cosine schedule ends at lr * min_lr_ratio")
     warmup_steps: int = _opt(5, "linear warmup steps from 0 to lr")
     weight_decay: float = _opt(0.02, "AdamW weight decay")
@@ -74,12 +80,24 @@ class TrainConfig:
     distributed: str = _opt("auto", "auto (ddp when launched by torchrun with WORLD_SIZE>1), none, ddp, fsdp",
                             choices=("auto", "none", "ddp", "fsdp"))
     progress: bool = _opt(True, "a live progress line on the terminal")
-    demo_samples: int = _opt(384, "demo only: training samples of the synthetic task")
-    demo_eval_samples: int = _opt(96, "demo only: held-out samples of the synthetic task")
+    demo_samples: int = _opt(3000, "demo only: training samples of the synthetic task")
+    demo_eval_samples: int = _opt(150, "demo only: held-out samples of the synthetic task")
 
     def __post_init__(self) -> None:
         if self.method_options is None:
             self.method_options = {}
+        if self.data is None:  # the built-in demo: a multimodal task
+            if self.vision is None:
+                self.vision = "tiny"
+            if self.lr_multipliers is None and self.method in ("llama_adapter", "lavin"):
+                # The visual projection is a small transformer: it learns at a third of the adapters' rate.
+                self.lr_multipliers = {"visual_projection": 0.3}
+        if self.lr_multipliers is None:
+            self.lr_multipliers = {}
+        if not isinstance(self.lr_multipliers, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in self.lr_multipliers.values()):
+            raise ValueError(f"lr_multipliers: expected a table of parameter-name prefix -> non-negative number, got "
+                             f"{self.lr_multipliers!r}")
         if not isinstance(self.method_options, dict):
             raise ValueError(f"method_options: expected a table of method config fields, got "
                              f"{type(self.method_options).__name__}")
@@ -115,11 +133,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, raw: Dict[str, Any], source: str = "config") -> "TrainConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - fields)
-        if unknown:
-            raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
-        return cls(**raw)
+        return _checks.config_from_dict(cls, raw, source)
 
 
 def read_file(path: str) -> Dict[str, Any]:
@@ -162,6 +176,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         if f.name == "method_options":
             p.add_argument("--method-option", dest="method_options", action="append", metavar="KEY=VALUE",
                            default=None, help=f.metadata["help"] + "; repeatable; VALUE is a Python/JSON literal")
+        elif f.name == "lr_multipliers":
+            p.add_argument("--lr-multiplier", dest="lr_multipliers", action="append", metavar="PREFIX=X",
+                           default=None, help=f.metadata["help"] + "; repeatable")
         elif isinstance(default, bool):
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
@@ -179,13 +196,15 @@ def _literal(text: str) -> Any:
         return text  # a bare word: a string
 
 
-def parse_method_options(items: List[str]) -> Dict[str, Any]:
+def parse_method_options(items: List[str], flag: str = "--method-option") -> Dict[str, Any]:
+    """KEY=VALUE strings -> {key: literal value} (a bare word stays a string)."""
     out: Dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--method-option: expected KEY=VALUE, got {item!r}")
-        out[key.strip().replace("-", "_")] = _literal(value.strip())
+            raise ValueError(f"{flag}: expected KEY=VALUE, got {item!r}")
+        key = key.strip()
+        out[key.replace("-", "_") if flag == "--method-option" else key] = _literal(value.strip())
     return out
 
 
@@ -193,14 +212,11 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
     raw: Dict[str, Any] = read_file(args.config) if args.config else {}
     source = f"config {args.config}" if args.config else "config"
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(raw) - fields)
-    if unknown:
-        raise ValueError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
     for name in fields:
         value = getattr(args, name, None)
         if value is None:
             continue
-        if name == "method_options":
-            value = {**raw.get("method_options", {}), **parse_method_options(value)}
+        if name in ("method_options", "lr_multipliers"):
+            value = {**raw.get(name, {}), **parse_method_options(value, "--" + name[:-1].replace("_", "-"))}
         raw[name] = value
     return TrainConfig.from_dict(raw, source)

@@ -1,9 +1,11 @@
 """The built-in demonstration task of `mmkernels train`: a synthetic multimodal multiple-choice set the
 project generates itself (nothing is downloaded).
 
-Image questions show one coloured shape (circle, square or triangle; red, green, blue or yellow) at a
-random place and size on a noisy background, and ask for its colour or its shape. Text-only questions give
-a short context ("The kite is blue.") and ask for the colour of the named thing. All records are in the
+Image questions show one coloured shape (circle, square or triangle; red, green, blue or yellow; small,
+medium or large) with a random place, tint and exact size on a noisy background, and ask for its colour or
+its size.
+Text-only questions ask for the colour of a named thing ("What colour is a banana?"; each thing has one
+colour), which the model must read from the question. All records are in the
 ScienceQA format of train/data.py, with the images written as .npy files beside the jsonl files, so the
 demo goes through the same loaders as user data.
 """
@@ -18,15 +20,17 @@ import numpy as np
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 235), "yellow": (235, 215, 40)}
 SHAPES = ("circle", "square", "triangle")
-THINGS = ("kite", "ball", "car", "cup", "hat", "box", "book", "door", "boat", "lamp", "sock", "bike")
-KINDS = ("colour", "shape", "text")
-_VERSION = 1
+SIZES = {"small": (0.07, 0.1), "medium": (0.13, 0.16), "large": (0.2, 0.24)}  # radius / image side
+THINGS = {"tomato": "red", "cherry": "red", "ruby": "red", "frog": "green", "leaf": "green", "lime": "green",
+          "sky": "blue", "ocean": "blue", "sapphire": "blue", "banana": "yellow", "lemon": "yellow", "sun": "yellow"}
+KINDS = ("colour", "size", "text")
+_VERSION = 4
 
 
-def draw(shape: str, colour: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """(size, size, 3) uint8: a noisy grey background and one filled shape."""
+def draw(shape: str, colour: str, scale: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(size, size, 3) uint8: a noisy grey background and one filled shape of size class `scale`."""
     img = rng.integers(20, 90, size=(size, size, 3)).astype(np.float32)
-    r = rng.uniform(0.22, 0.36) * size
+    r = rng.uniform(*SIZES[scale]) * size
     cx, cy = rng.uniform(r, size - r, size=2)
     y, x = np.mgrid[0:size, 0:size] + 0.5
     if shape == "circle":
@@ -45,19 +49,19 @@ def draw(shape: str, colour: str, size: int, rng: np.random.Generator) -> np.nda
 def _record(kind: str, rng: np.random.Generator, image_name: str, image_dir: str, size: int) -> Dict:
     colours = list(COLOURS)
     if kind == "text":
-        thing = THINGS[rng.integers(len(THINGS))]
-        colour = colours[rng.integers(len(colours))]
-        return {"context": f"The {thing} is {colour}.", "question": f"What colour is the {thing}?",
-                "choices": colours, "answer": colours.index(colour)}
+        thing = list(THINGS)[rng.integers(len(THINGS))]
+        return {"question": f"What colour is a {thing}?", "choices": colours, "answer": colours.index(THINGS[thing])}
     from mmkernels.train.images import save_image_npy
 
     shape = SHAPES[rng.integers(len(SHAPES))]
     colour = colours[rng.integers(len(colours))]
-    save_image_npy(os.path.join(image_dir, image_name), draw(shape, colour, size, rng))
+    sizes = list(SIZES)
+    scale = sizes[rng.integers(len(sizes))]
+    save_image_npy(os.path.join(image_dir, image_name), draw(shape, colour, scale, size, rng))
     if kind == "colour":
-        return {"question": "What colour is the shape?", "choices": colours, "answer": colours.index(colour),
+        return {"question": f"What colour is the {shape}?", "choices": colours, "answer": colours.index(colour),
                 "image": f"images/{image_name}"}
-    return {"question": "Which shape is in the picture?", "choices": list(SHAPES), "answer": SHAPES.index(shape),
+    return {"question": f"How big is the {shape}?", "choices": sizes, "answer": sizes.index(scale),
             "image": f"images/{image_name}"}
 
 

@@ -125,6 +125,21 @@ class LossModule(nn.Module):
         return logits if bias is None else logits + bias.float()
 
 
+def param_groups(params: Dict[str, nn.Parameter], lr: float, multipliers: Dict[str, float]) -> List[Dict[str, Any]]:
+    """AdamW groups: one per learning rate, each parameter under the multiplier of its longest matching name
+    prefix (1 without one). A prefix that matches no trainable parameter is an error."""
+    unused = [p for p in multipliers if not any(name.startswith(p) for name in params)]
+    if unused:
+        raise ValueError(f"lr_multipliers: prefixes {unused} match no trainable parameter (some names: "
+                         f"{sorted(params)[:4]})")
+    groups: Dict[float, List[nn.Parameter]] = {}
+    for name, p in params.items():
+        hits = [k for k in multipliers if name.startswith(k)]
+        factor = float(multipliers[max(hits, key=len)]) if hits else 1.0
+        groups.setdefault(factor, []).append(p)
+    return [{"params": ps, "lr": lr * f, "lr_multiplier": f} for f, ps in groups.items()]
+
+
 def prompt_ends(labels: torch.Tensor) -> torch.Tensor:
     """(B,) the position before each row's first trained label (the row's last position when none is)."""
     trained = labels != IGNORE
@@ -188,8 +203,8 @@ class Run:
         for name, p in params.items():
             if p.dtype != torch.float32:
                 raise TypeError(f"trainable parameter {name}: expected float32 (master weights), got {p.dtype}")
-        optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                      weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(param_groups(params, cfg.lr, cfg.lr_multipliers), lr=cfg.lr,
+                                      betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         if spec.attach is not None:
             spec.attach(optimizer, model)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -236,7 +251,7 @@ class Run:
         grad_norm = 0.0
         if cfg.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm))
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = cfg.lr * warmup_cosine(self.step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)  # before multipliers
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
