@@ -79,8 +79,11 @@ def test_qpaca_trains_and_keeps_its_columns_exact(kind):
         cols = layer(probe).t()
     assert torch.equal(cols, (layer.cols.float() + layer.scaling * layer.delta).to(cols.dtype))
     _, triton_model = _train("triton", cfg, lr=1e-2)
+    # Four AdamW steps at lr 1e-2 move each delta by up to ~4e-2; AdamW divides each gradient by its own
+    # running RMS, so a rounding-level difference between the backends in a near-zero gradient can move an
+    # element by ~1e-5 (seen: 4.8e-6 on one of 512). A wrong gradient moves elements by ~1e-2.
     for a, b in zip(paca.adapter_parameters(model).values(), paca.adapter_parameters(triton_model).values()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=5e-4, atol=2e-5)
 
 
 def test_qpaca_base_error_within_the_quantization_bound():

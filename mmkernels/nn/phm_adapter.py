@@ -100,7 +100,10 @@ class PHMAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rule_down, rule_up = self.rules
-        return phm_adapter(x, rule_down, self.s_down, self.t_down, self.b_down, rule_up, self.s_up, self.t_up, self.b_up)
+        # float32 master weights on a 16-bit model: the op computes in x's dtype, the gradients reach the masters.
+        p = [t.to(x.dtype) for t in (rule_down, self.s_down, self.t_down, self.b_down, rule_up, self.s_up, self.t_up,
+                                    self.b_up)]
+        return phm_adapter(x, *p)
 
     @torch.no_grad()
     def load_adapters_state(self, state: Dict[str, torch.Tensor], phm_rule: Optional[torch.Tensor] = None) -> None:

@@ -125,6 +125,15 @@ class LossModule(nn.Module):
         return logits if bias is None else logits + bias.float()
 
 
+def master_weights(model: nn.Module) -> None:
+    """Trainable parameters in float32 (AdamW's master weights) on a 16-bit base: a method may unlock weights of
+    the base's dtype (LLaMA-Adapter V2's norms); the ops take float32 weights with 16-bit activations."""
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.requires_grad and p.dtype != torch.float32:
+                setattr(module, name, nn.Parameter(p.detach().float()))
+
+
 def param_groups(params: Dict[str, nn.Parameter], lr: float, multipliers: Dict[str, float]) -> List[Dict[str, Any]]:
     """AdamW groups: one per learning rate, each parameter under the multiplier of its longest matching name
     prefix (1 without one). A prefix that matches no trainable parameter is an error."""
@@ -190,6 +199,7 @@ class Run:
         spec = method_specs.get(cfg.method)
         torch.manual_seed(cfg.seed)  # the adapter init
         spec.apply(model, cfg.method_options, vision)
+        master_weights(model)
         model.gradient_checkpointing = cfg.grad_checkpointing
         train_samples, eval_set = build_data(cfg, tokenizer, vision, model)
         if vision is None and any(s.image is not None for s in train_samples):
