@@ -25,3 +25,6 @@ done
 for op in paca paca_step; do
     python3 "benchmarks/bench_${op}.py" --quick --out "$out" 2>&1 | tee "$out/bench_${op}.log" | tail -25
 done
+# End to end: a LLaMA-7B-shaped training step with LLaMA-Adapter V2, ours vs transformers + PEFT (both depths,
+# so the per-layer slope and a 32-layer estimate are printed).
+python3 benchmarks/bench_train_step.py --out "$out" 2>&1 | tee "$out/bench_train_step.log" | tail -20
