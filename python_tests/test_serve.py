@@ -18,7 +18,7 @@ def _instruction_data(path):
 
 def _train(tmp_path, method, **kw):
     cfg = TrainConfig(data=_instruction_data(tmp_path / "d.jsonl"), data_format="instruction", method=method,
-                      out_dir=str(tmp_path / "run"), max_steps=3, batch_size=4, progress=False, max_len=96,
+                      out_dir=str(tmp_path / "run"), max_steps=3, batch_size=4, progress=False, max_len=192,
                       warmup_steps=1, lr=0.05, **kw)
     run = trainer.Run.build(cfg)
     run.train()

@@ -75,7 +75,8 @@ def test_every_option_is_documented():
     sub = build_parser()._subparsers._group_actions[0].choices["train"]
     text = sub.format_help()
     for f in train_config.dataclasses.fields(TrainConfig):
-        flag = "--method-option" if f.name == "method_options" else "--" + f.name.replace("_", "-")
+        flag = {"method_options": "--method-option", "lr_multipliers": "--lr-multiplier"}.get(
+            f.name, "--" + f.name.replace("_", "-"))
         assert flag in text, flag
 
 
