@@ -322,6 +322,8 @@ class Run:
         os.makedirs(cfg.out_dir, exist_ok=True)
         resumed = cfg.resume and self.resume()
         say = self.dist.rank == 0
+        if cfg.resume and not resumed and say:
+            print(f"resume: no checkpoint in {ckpt.checkpoint_dir(cfg.out_dir)}; starting at step 0", flush=True)
         if say:
             n_train = sum(p.numel() for p in self.params.values())
             n_all = sum(p.numel() for p in self.model.parameters())
