@@ -39,7 +39,7 @@ import importlib.util
 import sys
 import types
 import warnings
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch.nn import functional as F
@@ -142,23 +142,7 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
-class Case:
-    """One provider's model, its loss function of the token ids, its optimizer and the row's backend."""
-
-    def __init__(self, model, loss_fn: Callable[[torch.Tensor], torch.Tensor], optimizer, backend: Optional[str],
-                 context: Callable = contextlib.nullcontext) -> None:
-        self.model, self.loss_fn, self.optimizer, self.backend, self.context = (model, loss_fn, optimizer, backend,
-                                                                                context)
-
-    def step(self, ids: torch.Tensor) -> torch.Tensor:
-        loss = self.loss_fn(ids)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    def trainable(self) -> int:
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+Case = runner.StepCase
 
 
 def make_case(provider: str, shape: Dict[str, Any], dtype, device, fused_optimizer: bool = True, lr: float = LR) -> Case:
@@ -216,22 +200,11 @@ def make_ids(shape: Dict[str, Any], device) -> torch.Tensor:
 def run_case(provider: str, shape, dtype, warmup: int, rep: int, copy_gbps, env, matmul_tflops=None):
     device = torch.device(runner.DEVICE)
     case = make_case(provider, shape, dtype, device)
-    ids = make_ids(shape, device)
-    with case.context():
-
-        def fn():
-            case.step(ids)
-
-        for _ in range(2):  # optimizer state, autotune, allocator warm-up, untimed
-            fn()
-        peak = runner.peak_memory_mb(fn, [])
-        ms = runner.time_fn(fn, warmup=warmup, rep=rep)
+    ms, row = runner.time_step_case(case, make_ids(shape, device), op=OP, mode=MODE, provider=provider, shape=shape,
+                                    dtype=dtype, warmup=warmup, rep=rep, copy_gbps=copy_gbps, env=env,
+                                    matmul_tflops=matmul_tflops, flops=flops(shape))
     print(f"{provider}: {case.trainable():,} trainable parameters")
-    return runner.make_row(
-        op=OP, provider=provider.partition(":")[0], backend=case.backend, mode=MODE, shape=shape,
-        dtype=runner.dtype_name(dtype), ms=ms, flops=flops(shape), nbytes=None, copy_gbps=copy_gbps,
-        peak_mem_mb=peak, env=env, matmul_tflops=matmul_tflops,
-    )
+    return row
 
 
 def run(args) -> int:

@@ -217,23 +217,7 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return contextlib.nullcontext()
 
 
-class Case:
-    """One provider's model, its mean next-token loss of the token ids, its optimizer and the row's backend."""
-
-    def __init__(self, model, loss_fn: Callable[[torch.Tensor], torch.Tensor], optimizer, backend: Optional[str],
-                 context: Callable = contextlib.nullcontext) -> None:
-        self.model, self.loss_fn, self.optimizer, self.backend, self.context = (model, loss_fn, optimizer, backend,
-                                                                                context)
-
-    def step(self, ids: torch.Tensor) -> torch.Tensor:
-        loss = self.loss_fn(ids)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    def trainable(self) -> int:
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+Case = runner.StepCase
 
 
 def _adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -295,22 +279,11 @@ def make_ids(shape: Dict[str, Any], device) -> torch.Tensor:
 def run_case(provider: str, shape, dtype, warmup: int, rep: int, copy_gbps, env, matmul_tflops=None):
     device = torch.device(runner.DEVICE)
     case = make_case(provider, shape, dtype, device)
-    ids = make_ids(shape, device)
-    with case.context():
-
-        def fn():
-            case.step(ids)
-
-        for _ in range(2):  # optimizer state, autotune, allocator warm-up, untimed
-            fn()
-        peak = runner.peak_memory_mb(fn, [])
-        ms = runner.time_fn(fn, warmup=warmup, rep=rep)
+    ms, row = runner.time_step_case(case, make_ids(shape, device), op=OP, mode=MODE, provider=provider, shape=shape,
+                                    dtype=dtype, warmup=warmup, rep=rep, copy_gbps=copy_gbps, env=env,
+                                    matmul_tflops=matmul_tflops, flops=flops(shape))
     print(f"{provider}: {case.trainable():,} trainable parameters; {tokens_per_s(shape, ms[0]):,.0f} tokens/s")
-    return runner.make_row(
-        op=OP, provider=provider.partition(":")[0], backend=case.backend, mode=MODE, shape=shape,
-        dtype=runner.dtype_name(dtype), ms=ms, flops=flops(shape), nbytes=None, copy_gbps=copy_gbps,
-        peak_mem_mb=peak, env=env, matmul_tflops=matmul_tflops,
-    )
+    return row
 
 
 def depth_summary(rows: List[Dict[str, Any]], depth: int = FULL_DEPTH) -> List[str]:

@@ -381,6 +381,45 @@ def peak_memory_mb(fn: Callable[[], None], leaves: Sequence[torch.Tensor]) -> fl
     return torch.cuda.max_memory_allocated() / 2**20
 
 
+class StepCase:
+    """One provider's training step for the step benchmarks: its model, its loss function of the token ids,
+    its optimizer, the backend its row reports and a context (e.g. autocast) the step runs in."""
+
+    def __init__(self, model, loss_fn: Callable[[torch.Tensor], torch.Tensor], optimizer, backend: Optional[str],
+                 context: Callable = contextlib.nullcontext) -> None:
+        self.model, self.loss_fn, self.optimizer, self.backend, self.context = (model, loss_fn, optimizer, backend,
+                                                                                context)
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        loss = self.loss_fn(ids)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def trainable(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+
+def time_step_case(case: StepCase, ids: torch.Tensor, *, op: str, mode: str, provider: str, shape, dtype, warmup: int,
+                   rep: int, copy_gbps, env, matmul_tflops, flops: float):
+    """(ms quantiles, row) of one whole training step: two untimed steps (optimizer state, autotuning, the
+    allocator), the peak memory of one step, then the timing."""
+    with case.context():
+
+        def fn():
+            case.step(ids)
+
+        for _ in range(2):
+            fn()
+        peak = peak_memory_mb(fn, [])
+        ms = time_fn(fn, warmup=warmup, rep=rep)
+    row = make_row(op=op, provider=provider.partition(":")[0], backend=case.backend, mode=mode, shape=shape,
+                   dtype=dtype_name(dtype), ms=ms, flops=flops, nbytes=None, copy_gbps=copy_gbps, peak_mem_mb=peak,
+                   env=env, matmul_tflops=matmul_tflops)
+    return ms, row
+
+
 def _free() -> None:
     gc.collect()
     if torch.cuda.is_initialized():
