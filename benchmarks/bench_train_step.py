@@ -145,39 +145,10 @@ def build_hf(shape: Dict[str, Any], dtype, device, bias: bool = False, seed: int
     missing = [m for m in ("transformers", "peft") if importlib.util.find_spec(m) is None]
     if missing:
         raise runner.Unavailable(f"{' and '.join(missing)} not installed")
-    import transformers
-
-    torch.manual_seed(seed)
-    with torch.device(device):
-        hf = transformers.LlamaForCausalLM._from_config(hf_config(shape, bias), attn_implementation="sdpa",
-                                                        dtype=torch.float32)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    # Linear weights ~ N(0, 1/fan_in) give logits of O(1) at any width, so the loss depends on every layer.
-    # Biases draw nothing from the generator: the other weights do not depend on `bias`.
-    for name, p in hf.named_parameters():
-        if name.endswith(".bias"):
-            p.zero_()
-            continue
-        if "norm" in name:
-            std, mean = 0.3, 1.0
-        else:
-            std, mean = (1.0 if "embed_tokens" in name else p.shape[1] ** -0.5), 0.0
-        p.copy_(mean + std * torch.randn(p.shape, device=device, generator=gen))
-    return hf.to(dtype).train()
+    return runner.seeded_hf_llama(hf_config(shape, bias), dtype, device, seed)
 
 
-@torch.no_grad()
-def ours_from_hf(hf, dtype, device):
-    """An mmkernels Llama holding a copy of hf's weights."""
-    from mmkernels.models import Llama, LlamaConfig
-
-    config = LlamaConfig.from_dict(hf.config.to_dict())
-    with torch.device(device):
-        model = Llama(config)
-    model.to(device=device, dtype=dtype)
-    state = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in hf.state_dict().items()}
-    model.load_state_dict(state, strict=True)
-    return model.train()
+ours_from_hf = runner.mmkernels_llama_from_hf
 
 
 def adapter_config(peft_form: bool = False, prompt_len: int = PROMPT_LEN):

@@ -381,6 +381,44 @@ def peak_memory_mb(fn: Callable[[], None], leaves: Sequence[torch.Tensor]) -> fl
     return torch.cuda.max_memory_allocated() / 2**20
 
 
+@torch.no_grad()
+def seeded_hf_llama(config, dtype, device, seed: int = 0):
+    """A transformers LlamaForCausalLM (sdpa) with seeded random weights, the same on every run whatever
+    transformers' init does: linear weights ~ N(0, 1/fan_in) give logits of O(1) at any width (so the loss
+    depends on every layer), norm weights ~ N(1, 0.3), biases zero (drawing nothing from the generator, so the
+    other weights do not depend on whether the config has biases)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        hf = transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in hf.named_parameters():
+        if name.endswith(".bias"):
+            p.zero_()
+            continue
+        if "norm" in name:
+            std, mean = 0.3, 1.0
+        else:
+            std, mean = (1.0 if "embed_tokens" in name else p.shape[1] ** -0.5), 0.0
+        p.copy_(mean + std * torch.randn(p.shape, device=device, generator=gen))
+    return hf.to(dtype).train()
+
+
+@torch.no_grad()
+def mmkernels_llama_from_hf(hf, dtype, device):
+    """An mmkernels Llama holding a copy of hf's weights (not shared: PaCA rewrites its weights in place)."""
+    from mmkernels.models import Llama, LlamaConfig
+
+    config = LlamaConfig.from_dict(hf.config.to_dict())
+    with torch.device(device):
+        model = Llama(config)
+    model.to(device=device, dtype=dtype)
+    state = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in hf.state_dict().items()}
+    model.load_state_dict(state, strict=True)
+    return model.train()
+
+
 class StepCase:
     """One provider's training step for the step benchmarks: its model, its loss function of the token ids,
     its optimizer, the backend its row reports and a context (e.g. autocast) the step runs in."""
