@@ -37,7 +37,7 @@ def test_export_merge_loads_in_transformers(tmp_path, method, options):
     with torch.no_grad():
         got = hf(ids).logits
     assert (got - want).abs().max() <= 2e-5 * want.abs().max()
-    base = trainer.build_model(TrainConfig(), torch.device("cpu"), torch.float32)[0]
+    base = trainer.build_model(None, None, 0, torch.device("cpu"), torch.float32)[0]
     with torch.no_grad():
         assert (base(ids) - want).abs().max() > 1e-3  # the adapter changed the model: the check can fail
 

@@ -13,7 +13,7 @@ def choice_accuracy(run, items: Sequence, batch_size: int = 32) -> Dict[str, flo
     items (train/data.py MultipleChoice) for a trainer Run. Prompts are right-padded: causal attention keeps
     the padding out of every real position, so the logits after each prompt are those of the prompt alone."""
     from mmkernels.train.data import Sample, choice_predictions, collate
-    from mmkernels.train.trainer import pad_id
+    from mmkernels.train.trainer import batch_to, pad_id
 
     model = run.model
     was_training = model.training
@@ -24,7 +24,7 @@ def choice_accuracy(run, items: Sequence, batch_size: int = 32) -> Dict[str, flo
             chunk = list(items[start:start + batch_size])
             samples = [Sample(list(it.prompt_ids), list(it.prompt_ids), it.image, it.source) for it in chunk]
             batch = collate(samples, pad_id(run.tokenizer, model))
-            batch = batch._replace(**{k: v.to(run.device) for k, v in batch._asdict().items() if torch.is_tensor(v)})
+            batch = batch_to(batch, run.device)
             last = torch.tensor([len(it.prompt_ids) - 1 for it in chunk], device=run.device)
             logits = run.module(batch, last=last)
             pred = choice_predictions(logits.float().cpu(), chunk)

@@ -49,17 +49,15 @@ def read_adapter_info(path: str) -> Tuple[str, Dict[str, Any]]:
 def load(adapter: str, model_dir: Optional[str] = None, dtype: Optional[torch.dtype] = None,
          device: Optional[torch.device] = None):
     """(model with the adapter loaded, tokenizer, vision tower or None, spec) for inference."""
-    from mmkernels.train.config import TrainConfig
     from mmkernels.train.trainer import build_model, build_vision
 
     method, info = read_adapter_info(adapter)
     spec = method_specs.get(method)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    cfg = TrainConfig(model=model_dir or info.get("model"), tokenizer=info.get("tokenizer"),
-                      vision=info.get("vision"), seed=info.get("seed", 0), method=method)
-    model, tokenizer = build_model(cfg, device, dtype)
-    vision = build_vision(cfg, device, dtype)
+    seed = info.get("seed", 0)
+    model, tokenizer = build_model(model_dir or info.get("model"), info.get("tokenizer"), seed, device, dtype)
+    vision = build_vision(info.get("vision"), seed, device, dtype)
     spec.load(model, adapter)
     model.to(device)
     return model.eval(), tokenizer, vision, spec

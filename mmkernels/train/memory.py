@@ -30,8 +30,7 @@ DEFAULT_LOSS_CHUNK = 4096  # tokens per chunk when the op chooses (see ops.linea
 def _dtype(cfg: TrainConfig) -> torch.dtype:
     from mmkernels.train.trainer import resolve_device, resolve_dtype
 
-    return resolve_dtype(cfg.dtype, resolve_device(cfg.device) if cfg.device != "auto" else
-                         torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return resolve_dtype(cfg.dtype, resolve_device(cfg.device))
 
 
 def _saved_per_token(c: LlamaConfig, act_bytes: int) -> int:

@@ -187,14 +187,14 @@ class Run:
 
     # -- building -------------------------------------------------------------------------------------------
     @classmethod
-    def build(cls, cfg: TrainConfig, *, quiet: bool = False) -> "Run":
+    def build(cls, cfg: TrainConfig) -> "Run":
         from mmkernels.train import data as data_mod
 
         dist = dist_utils.init(cfg.distributed)
         device = dist.device if dist.world_size > 1 else resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
-        model, tokenizer = build_model(cfg, device, dtype)
-        vision = build_vision(cfg, device, dtype)
+        model, tokenizer = build_model(cfg.model, cfg.tokenizer, cfg.seed, device, dtype)
+        vision = build_vision(cfg.vision, cfg.seed, device, dtype)
         data_mod.check_tokenizer(tokenizer, model.config.vocab_size)
         spec = method_specs.get(cfg.method)
         torch.manual_seed(cfg.seed)  # the adapter init
@@ -238,7 +238,7 @@ class Run:
                 self._iter = None
         else:
             raise RuntimeError("data: the loader yields no batch")
-        return batch._replace(**{k: v.to(self.device) for k, v in batch._asdict().items() if torch.is_tensor(v)})
+        return batch_to(batch, self.device)
 
     def _autocast(self):
         if self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16):
@@ -324,9 +324,9 @@ class Run:
         say = self.dist.rank == 0
         if cfg.resume and not resumed and say:
             print(f"resume: no checkpoint in {ckpt.checkpoint_dir(cfg.out_dir)}; starting at step 0", flush=True)
+        n_train = sum(p.numel() for p in self.params.values())
+        n_all = sum(p.numel() for p in self.model.parameters())
         if say:
-            n_train = sum(p.numel() for p in self.params.values())
-            n_all = sum(p.numel() for p in self.model.parameters())
             print(f"mmkernels train: {cfg.method} on {self.model.config.num_hidden_layers}-layer LLaMA "
                   f"(hidden {self.model.config.hidden_size}) on {self.device}, {self.dtype}; trainable "
                   f"{n_train:,} of {n_all:,} ({100 * n_train / n_all:.3f}%)"
@@ -364,8 +364,6 @@ class Run:
             from mmkernels.train.inference import write_run_info
 
             write_run_info(os.path.join(cfg.out_dir, "adapter"), cfg)
-        n_train = sum(p.numel() for p in self.params.values())
-        n_all = sum(p.numel() for p in self.model.parameters())
         summary = {"method": cfg.method, "steps": self.step, "trainable_params": n_train,
                    "trainable_pct": 100 * n_train / n_all, "time_s": round(elapsed, 2),
                    "tokens_per_s": round(tokens_done / max(elapsed, 1e-9), 1),
@@ -407,16 +405,24 @@ def print_summary(summary: Dict[str, Any], out_dir: str) -> None:
 
 
 # -- model, vision tower and data ---------------------------------------------------------------------------
-def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
+def batch_to(batch, device: torch.device):
+    """A data Batch with every tensor on `device`."""
+    return batch._replace(**{k: v.to(device) for k, v in batch._asdict().items() if torch.is_tensor(v)})
+
+
+def build_model(model_dir: Optional[str], tokenizer_dir: Optional[str], seed: int, device: torch.device,
+                dtype: torch.dtype):
+    """(model, tokenizer): a HF checkpoint directory, or the built-in tiny model (random weights from `seed`)
+    with the byte tokenizer."""
     from mmkernels.models.tokenizer import ByteTokenizer, load_tokenizer
 
-    if cfg.model is None:
-        torch.manual_seed(cfg.seed)  # the built-in model's random weights depend on the seed only
+    if model_dir is None:
+        torch.manual_seed(seed)  # the built-in model's random weights depend on the seed only
         model = Llama(LlamaConfig.tiny()).to(device=device, dtype=dtype)
-        tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else ByteTokenizer()
+        tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else ByteTokenizer()
     else:
-        model = Llama.from_pretrained(cfg.model, dtype=dtype, device=device)
-        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+        model = Llama.from_pretrained(model_dir, dtype=dtype, device=device)
+        tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     return model, tokenizer
 
 
@@ -427,16 +433,17 @@ def tiny_vision_config():
                             image_size=32, patch_size=8, projection_dim=64)
 
 
-def build_vision(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Optional[nn.Module]:
+def build_vision(vision: Optional[str], seed: int, device: torch.device, dtype: torch.dtype) -> Optional[nn.Module]:
+    """None, the tiny random CLIP tower ('tiny', weights from seed + 1) or a local CLIP vision directory."""
     from mmkernels.models.vision import VisionTower
 
-    if cfg.vision is None:
+    if vision is None:
         return None
-    if cfg.vision == "tiny":
-        torch.manual_seed(cfg.seed + 1)
+    if vision == "tiny":
+        torch.manual_seed(seed + 1)
         tower = VisionTower.from_config(tiny_vision_config())
     else:
-        tower = VisionTower.from_pretrained(cfg.vision)
+        tower = VisionTower.from_pretrained(vision)
     return tower.to(device=device, dtype=dtype).eval()
 
 
