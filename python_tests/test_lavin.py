@@ -150,7 +150,7 @@ def test_cached_greedy_decode_equals_recomputation():
     ids = torch.randint(0, TINY["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(5))
     for px in (images(2, seed=6), None):
         with mmkernels.use_backend("reference"):
-            got = lavin.generate(model, ids, pixel_values=px, max_new_tokens=5)
+            got = torch.tensor(lavin.generate(model, ids.tolist(), pixel_values=px, max_new_tokens=5))
             vt = None if px is None else lavin.encode_images(model, px)
             seq, want = ids, []
             with torch.no_grad():

@@ -4,7 +4,7 @@
                                                   # the visual projection and the modality embedding
     logits = forward(model, input_ids, pixel_values=images)     # image samples (modality 1)
     logits = forward(model, input_ids)                          # text-only samples (modality 0)
-    tokens = generate(model, input_ids, pixel_values=images, max_new_tokens=32)
+    tokens = generate(model, prompts, pixel_values=images, max_new_tokens=32)  # token lists, any lengths
     save_adapter(model, "out/"); load_adapter(base_model, "out/", vision=clip)
     merge(model, modality=1)       # fold the LLM adapters into q/k/v for one modality
 
@@ -42,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-from typing import Any, Dict, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -374,27 +374,24 @@ def forward(model: Llama, input_ids: Optional[torch.Tensor] = None, *, inputs_em
 
 
 @torch.no_grad()
-def generate(model: Llama, input_ids: torch.Tensor, *, max_new_tokens: int, pixel_values: Optional[torch.Tensor] = None,
-             visual_tokens: Optional[torch.Tensor] = None, modality: Union[None, int, torch.Tensor] = None
-             ) -> torch.Tensor:
-    """Greedy decoding with a KV cache: the prefill runs the routing pass once, the decode steps reuse its
-    weights. input_ids (B, T) (equal lengths, no padding) -> new tokens (B, max_new_tokens)."""
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids: expected shape (B, T), got {tuple(input_ids.shape)}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
+def generate(model: Llama, prompts: Sequence[Sequence[int]], *, pixel_values: Optional[torch.Tensor] = None,
+             visual_tokens: Optional[torch.Tensor] = None, modality: Union[None, int, torch.Tensor] = None,
+             **kwargs: Any) -> List[List[int]]:
+    """models.generation.generate for a LaVIN model: new tokens for each prompt (token lists of any lengths;
+    left-padded there), each after its visual tokens (pixel_values (B, 3, H, W), encoded here, or
+    visual_tokens (B, n, d)). The routing pass runs once, before the prefill, for each sample's modality
+    (default: 1 with images, else 0); the prefill and every decode step use its weights. kwargs:
+    max_new_tokens, temperature, top_p, eos_id, pad_id, seed, on_step (see generation.generate)."""
+    from mmkernels.models.generation import generate as generate_tokens
+
+    _require(model)
+    if pixel_values is not None and visual_tokens is not None:
+        raise ValueError("pixel_values, visual_tokens: expected at most one of them")
     if pixel_values is not None:
         visual_tokens = encode_images(model, pixel_values)
-    n_vis = 0 if visual_tokens is None else visual_tokens.shape[1]
-    cache = model.new_kv_cache(input_ids.shape[0], n_vis + input_ids.shape[1] + max_new_tokens)
-    logits = forward(model, input_ids, visual_tokens=visual_tokens, modality=modality, kv_cache=cache)[:, -1]
-    out: List[torch.Tensor] = []
-    for step in range(max_new_tokens):
-        tok = logits.argmax(-1)
-        out.append(tok)
-        if step < max_new_tokens - 1:
-            logits = model(tok[:, None], kv_cache=cache)[:, -1]
-    return torch.stack(out, 1)
+    device = model.modality_embedding.weight.device
+    mod = _modality(modality, len(prompts), IMAGE if visual_tokens is not None else TEXT, device)
+    return generate_tokens(model, prompts, prefix_embeds=visual_tokens, context=lambda: routed(model, mod), **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------

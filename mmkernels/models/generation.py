@@ -3,11 +3,16 @@
 Prompts of different lengths are left-padded to one length L. Sample b's real tokens start at
 kv_start[b] = L - len(prompt_b); its rotary positions count from 0 there, and ops.attention hides the
 padded keys. One prefill forward, then one token per step for the whole batch.
+
+Multimodal methods add what their training forward had: prefix_embeds (visual tokens placed before each
+prompt's text, after its padding: [pad..., prefix, text], positions from 0 at the prefix), visual_prompts
+(LLaMA-Adapter V2's per-sample prompt tokens) and a context that every forward runs in (LaVIN's routing).
 """
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Union
+import contextlib
+from typing import Callable, ContextManager, List, Optional, Sequence, Union
 
 import torch
 
@@ -49,6 +54,8 @@ def generate(
     seed: int = 0,
     on_step: Optional[Callable[[List[Optional[int]]], None]] = None,
     visual_prompts: Optional[torch.Tensor] = None,
+    prefix_embeds: Optional[torch.Tensor] = None,
+    context: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> List[List[int]]:
     """New tokens for each prompt (up to and including eos). on_step receives, after every step, the new
     token of each sample, or None for samples that have finished.
@@ -58,6 +65,9 @@ def generate(
     sampled with a CPU torch.Generator seeded with `seed` (the same tokens on any device).
     visual_prompts (B, L_p, hidden): per-sample visual prompt tokens (LLaMA-Adapter V2), given to the prefill;
     the decode steps reuse the prompt keys/values it stored in the KV cache.
+    prefix_embeds (B, N, hidden): embedded tokens before each prompt's text (visual tokens); they count as
+    the first N positions of the sample. context: entered once around the prefill and every decode step
+    (e.g. methods.lavin.routed(model, modality)).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts: expected a non-empty list of non-empty token lists")
@@ -76,30 +86,47 @@ def generate(
     stop = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
     device = next(model.parameters()).device
     bsz, width = len(prompts), max(len(p) for p in prompts)
-    starts = torch.tensor([width - len(p) for p in prompts], dtype=torch.int32, device=device)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long).to(device)
-    positions = (torch.arange(width, device=device)[None, :] - starts[:, None].long()).clamp_min(0)
+    n_prefix = 0
+    if prefix_embeds is not None:
+        hidden = model.config.hidden_size
+        if prefix_embeds.dim() != 3 or prefix_embeds.shape[0] != bsz or prefix_embeds.shape[2] != hidden:
+            raise ValueError(f"prefix_embeds: expected shape ({bsz}, N, {hidden}) (prompts, tokens, hidden), "
+                             f"got {tuple(prefix_embeds.shape)}")
+        n_prefix = prefix_embeds.shape[1]
+    pads = [width - len(p) for p in prompts]
+    starts = torch.tensor(pads, dtype=torch.int32, device=device)
+    ids = torch.tensor([[pad_id] * pad + list(p) for pad, p in zip(pads, prompts)], dtype=torch.long).to(device)
+    length = n_prefix + width
+    positions = (torch.arange(length, device=device)[None, :] - starts[:, None].long()).clamp_min(0)
+    inputs = {"input_ids": ids}
+    if prefix_embeds is not None:
+        text = model.embed_tokens(ids)
+        prefix = prefix_embeds.to(device=device, dtype=text.dtype)
+        inputs = {"inputs_embeds": torch.stack([torch.cat([text[b, :pad], prefix[b], text[b, pad:]])
+                                                for b, pad in enumerate(pads)])}
 
-    cache = model.new_kv_cache(bsz, width + max_new_tokens)
+    cache = model.new_kv_cache(bsz, length + max_new_tokens)
     gen = torch.Generator().manual_seed(seed)
-    logits = model(ids, positions=positions, kv_cache=cache, kv_start=starts, visual_prompts=visual_prompts)[:, -1]
     out: List[List[int]] = [[] for _ in range(bsz)]
     done = [False] * bsz
-    next_pos = positions[:, -1:] + 1
-    for step in range(max_new_tokens):
-        tokens = _next_tokens(logits, temperature, top_p, gen)
-        emitted: List[Optional[int]] = []
-        for b, tok in enumerate(tokens.tolist()):  # one device sync per step
-            if done[b]:
-                emitted.append(None)
-                continue
-            out[b].append(tok)
-            emitted.append(tok)
-            done[b] = tok in stop
-        if on_step is not None:
-            on_step(emitted)
-        if all(done) or step == max_new_tokens - 1:
-            break
-        logits = model(tokens[:, None], positions=next_pos, kv_cache=cache, kv_start=starts)[:, -1]
-        next_pos = next_pos + 1
+    with context():
+        logits = model(**inputs, positions=positions, kv_cache=cache, kv_start=starts,
+                       visual_prompts=visual_prompts)[:, -1]
+        next_pos = positions[:, -1:] + 1
+        for step in range(max_new_tokens):
+            tokens = _next_tokens(logits, temperature, top_p, gen)
+            emitted: List[Optional[int]] = []
+            for b, tok in enumerate(tokens.tolist()):  # one device sync per step
+                if done[b]:
+                    emitted.append(None)
+                    continue
+                out[b].append(tok)
+                emitted.append(tok)
+                done[b] = tok in stop
+            if on_step is not None:
+                on_step(emitted)
+            if all(done) or step == max_new_tokens - 1:
+                break
+            logits = model(tokens[:, None], positions=next_pos, kv_cache=cache, kv_start=starts)[:, -1]
+            next_pos = next_pos + 1
     return out

@@ -14,7 +14,6 @@ import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from torch import nn
 
 from mmkernels.models import Llama
 from mmkernels.train import method_specs
@@ -58,7 +57,7 @@ def load(adapter: str, model_dir: Optional[str] = None, dtype: Optional[torch.dt
     seed = info.get("seed", 0)
     model, tokenizer = build_model(model_dir or info.get("model"), info.get("tokenizer"), seed, device, dtype)
     vision = build_vision(info.get("vision"), seed, device, dtype)
-    spec.load(model, adapter)
+    spec.load(model, adapter, vision)
     model.to(device)
     return model.eval(), tokenizer, vision, spec
 
@@ -73,7 +72,7 @@ def run_generate(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model, tokenizer, vision, spec = load(args.adapter, args.model, dtype, device)
     prompts = demo._read_prompts(args)
-    kwargs: Dict[str, Any] = {}
+    pixels = None
     if args.image:
         if len(args.image) != len(prompts):
             raise SystemExit(f"--image: expected one image per prompt ({len(prompts)}), got {len(args.image)}")
@@ -81,17 +80,14 @@ def run_generate(args: argparse.Namespace) -> int:
             raise SystemExit(f"--image: the adapter in {args.adapter} was trained without a vision tower")
         size = vision.clip.config.image_size
         pixels = torch.stack([load_image(p, size) for p in args.image]).to(model.embed_tokens.weight.device)
-        kwargs = visual_inputs(spec, model, vision, pixels)
-    return demo.generate_and_print(model, tokenizer, prompts, args, f"{args.adapter} ({spec.name})", **kwargs)
-
-
-def visual_inputs(spec, model: Llama, vision: nn.Module, pixels: torch.Tensor) -> Dict[str, Any]:
-    if spec.name == "llama_adapter":
-        from mmkernels.methods import llama_adapter
-
+    try:
         with torch.no_grad():
-            return {"visual_prompts": llama_adapter.encode_images(model, vision, pixels)}
-    raise SystemExit(f"--image: generation with images is not wired for method {spec.name!r}")
+            kwargs = spec.serve_inputs(model, vision, pixels, len(prompts))
+    except ValueError as exc:
+        if pixels is None:
+            raise
+        raise SystemExit(f"--image: {exc}") from None
+    return demo.generate_and_print(model, tokenizer, prompts, args, f"{args.adapter} ({spec.name})", **kwargs)
 
 
 def export_merged(adapter: str, out: str, model_dir: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> List[str]:

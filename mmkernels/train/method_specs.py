@@ -2,7 +2,8 @@
 
 A spec applies the method from a plain options dict (a config file's [method_options] table), names the
 trainable parameters, turns a data batch into the model's forward inputs (images through the vision tower
-for the multimodal methods), and saves/loads/merges the adapter.
+for the multimodal methods), gives generation the same inputs for a batch of prompts (`serve`), and
+saves/loads/merges the adapter.
 """
 
 from __future__ import annotations
@@ -34,11 +35,32 @@ class MethodSpec:
     apply: Callable[[Llama, Dict[str, Any], Optional[nn.Module]], None]
     trainable: Callable[[Llama], Dict[str, nn.Parameter]]
     save: Callable[[Llama, str], None]
-    load: Callable[[Llama, str], Llama]
+    load: Callable[[Llama, str, Optional[nn.Module]], Llama]  # (base model, adapter dir, vision tower)
     merge: Optional[Callable[[Llama], Llama]]
     inputs: Callable[[Llama, Optional[nn.Module], Any, torch.Tensor], ModelInputs]  # (.., batch, prompt_end)
     multimodal: bool = False
     attach: Optional[Callable[[torch.optim.Optimizer, Llama], Any]] = None  # e.g. PaCA's column sync
+    # (model, vision, pixel_values (B, 3, H, W) or None, B) -> keyword arguments of models.generation.generate
+    # that give each prompt what the training forward gave its sample (visual tokens, prompts, routing).
+    serve: Optional[Callable[[Llama, Optional[nn.Module], Optional[torch.Tensor], int], Dict[str, Any]]] = None
+
+    def serve_inputs(self, model: Llama, vision: Optional[nn.Module], pixel_values: Optional[torch.Tensor],
+                     batch: int) -> Dict[str, Any]:
+        if self.serve is not None:
+            return self.serve(model, vision, pixel_values, batch)
+        if pixel_values is not None:
+            raise ValueError(f"images: method {self.name!r} is text-only")
+        return {}
+
+
+def _without_vision(load: Callable[[Llama, str], Llama]) -> Callable[[Llama, str, Optional[nn.Module]], Llama]:
+    """A method whose adapter lives outside the vision tower: the tower is rebuilt frozen, as it was."""
+    return lambda model, path, vision: load(model, path)
+
+
+def _require_vision_path(model: Llama, vision: Optional[nn.Module], part: str, why: str) -> None:
+    if vision is None or getattr(model, part, None) is None:
+        raise ValueError(f"images: the model has no vision path; set `vision` (a CLIP directory or 'tiny') so {why}")
 
 
 def _text_inputs(name: str):
@@ -66,37 +88,43 @@ def _llama_adapter() -> MethodSpec:
         images = batch.images
         if images is None:
             return ModelInputs(out)
-        if vision is None or getattr(model, "visual_projection", None) is None:
-            raise ValueError("the batch has images but the model has no vision path: set `vision` (a CLIP directory "
-                             "or 'tiny') so LLaMA-Adapter V2 gets a visual projection")
+        _require_vision_path(model, vision, "visual_projection", "LLaMA-Adapter V2 gets a visual projection")
         prompts = m.encode_images(model, vision, images)
         # Text-only samples of a mixed batch get no visual prompt (their adaption prompts stay static).
         out["visual_prompts"] = prompts * batch.has_image.to(prompts.dtype)[:, None, None]
         return ModelInputs(out)
 
-    return MethodSpec("llama_adapter", apply, m.adapter_parameters, m.save_adapter, m.load_adapter, m.merge, inputs,
-                      multimodal=True)
+    def serve(model, vision, pixels, batch):
+        if pixels is None:
+            return {}
+        _require_vision_path(model, vision, "visual_projection", "LLaMA-Adapter V2 gets a visual projection")
+        return {"visual_prompts": m.encode_images(model, vision, pixels)}
+
+    return MethodSpec("llama_adapter", apply, m.adapter_parameters, m.save_adapter, _without_vision(m.load_adapter),
+                      m.merge, inputs, multimodal=True, serve=serve)
 
 
 def _lora() -> MethodSpec:
     from mmkernels.methods import lora as m
 
     return MethodSpec("lora", lambda model, o, v: m.apply(model, m.LoRAConfig.from_dict(o)), m.adapter_parameters,
-                      m.save_adapter, m.load_adapter, m.merge, _text_inputs("lora"))
+                      m.save_adapter, _without_vision(m.load_adapter), m.merge, _text_inputs("lora"))
 
 
 def _paca() -> MethodSpec:
     from mmkernels.methods import paca as m
 
     return MethodSpec("paca", lambda model, o, v: m.apply(model, m.PaCAConfig.from_dict(o)), m.adapter_parameters,
-                      m.save_adapter, m.load_adapter, m.merge, _text_inputs("paca"), attach=m.sync_after_step)
+                      m.save_adapter, _without_vision(m.load_adapter), m.merge, _text_inputs("paca"),
+                      attach=m.sync_after_step)
 
 
 def _compacter() -> MethodSpec:
     from mmkernels.methods import compacter as m
 
     return MethodSpec("compacter", lambda model, o, v: m.apply(model, m.CompacterConfig.from_dict(o)),
-                      m.adapter_parameters, m.save_adapter, m.load_adapter, None, _text_inputs("compacter"))
+                      m.adapter_parameters, m.save_adapter, _without_vision(m.load_adapter), None,
+                      _text_inputs("compacter"))
 
 
 def _hyperllava() -> MethodSpec:
@@ -112,9 +140,7 @@ def _hyperllava() -> MethodSpec:
     def inputs(model, vision, batch, prompt_end):
         prefix, kwargs = 0, {"input_ids": batch.input_ids}
         if batch.images is not None:
-            if vision is None or getattr(model, "visual_projector", None) is None:
-                raise ValueError("the batch has images but the model has no vision path: set `vision` so HyperLLaVA "
-                                 "gets a projector")
+            _require_vision_path(model, vision, "visual_projector", "HyperLLaVA gets a projector")
             # Text-only samples of a mixed batch see the features of a blank (zero) image.
             features = vision(batch.images)
             kwargs = {"inputs_embeds": m.embed_multimodal(model, batch.input_ids, features)}
@@ -123,8 +149,15 @@ def _hyperllava() -> MethodSpec:
         position = prefix + prompt_end
         return ModelInputs(kwargs, prefix, lambda: m.guidance_at(model, position))
 
-    return MethodSpec("hyperllava", apply, m.adapter_parameters, m.save_adapter, m.load_adapter, None, inputs,
-                      multimodal=True)
+    def serve(model, vision, pixels, batch):
+        # Left padding puts every prompt's last token at the prefill's last position: the default guidance.
+        if pixels is None:
+            return {}
+        _require_vision_path(model, vision, "visual_projector", "HyperLLaVA gets a projector")
+        return {"prefix_embeds": model.visual_projector(vision(pixels))}
+
+    return MethodSpec("hyperllava", apply, m.adapter_parameters, m.save_adapter, _without_vision(m.load_adapter),
+                      None, inputs, multimodal=True, serve=serve)
 
 
 def _lavin() -> MethodSpec:
@@ -140,8 +173,8 @@ def _lavin() -> MethodSpec:
         if batch.images is None:
             modality = torch.zeros(batch.input_ids.shape[0], dtype=torch.long, device=batch.input_ids.device)
             return ModelInputs({"input_ids": batch.input_ids}, 0, lambda: m.routed(model, modality))
-        if getattr(model, "lavin_vision", None) is None:
-            raise ValueError("the batch has images but LaVIN was applied without a vision tower: set `vision`")
+        _require_vision_path(model, getattr(model, "lavin_vision", None), "visual_projection",
+                             "LaVIN gets a visual projection")
         modality = batch.has_image.long()
         # Text-only samples of a mixed batch get zero visual tokens (and the text-only routing).
         visual = m.encode_images(model, batch.images) * batch.has_image[:, None, None]
@@ -149,8 +182,19 @@ def _lavin() -> MethodSpec:
         embeds = torch.cat([visual.to(text.dtype), text], dim=1)
         return ModelInputs({"inputs_embeds": embeds}, visual.shape[1], lambda: m.routed(model, modality))
 
-    return MethodSpec("lavin", apply, m.adapter_parameters, m.save_adapter, m.load_adapter, None, inputs,
-                      multimodal=True)
+    def serve(model, vision, pixels, batch):
+        device = model.modality_embedding.weight.device
+        modality = torch.full((batch,), m.TEXT if pixels is None else m.IMAGE, dtype=torch.long, device=device)
+        out: Dict[str, Any] = {"context": lambda: m.routed(model, modality)}
+        if pixels is not None:
+            _require_vision_path(model, getattr(model, "lavin_vision", None), "visual_projection",
+                             "LaVIN gets a visual projection")
+            out["prefix_embeds"] = m.encode_images(model, pixels)
+        return out
+
+    return MethodSpec("lavin", apply, m.adapter_parameters, m.save_adapter,
+                      lambda model, path, vision: m.load_adapter(model, path, vision=vision), None, inputs,
+                      multimodal=True, serve=serve)
 
 
 _BUILDERS: Dict[str, Callable[[], MethodSpec]] = {
