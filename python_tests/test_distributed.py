@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-COMMON = ["--vision", "tiny", "--demo-samples", "32", "--demo-eval-samples", "8", "--max-steps", "3",
-          "--no-progress", "--max-len", "160", "--warmup-steps", "1", "--max-grad-norm", "0", "--no-fused-loss"]
+STEPS = ["--max-steps", "3", "--no-progress", "--warmup-steps", "1", "--max-grad-norm", "0", "--no-fused-loss"]
+COMMON = ["--vision", "tiny", "--demo-samples", "32", "--demo-eval-samples", "8", "--max-len", "160", *STEPS]
 
 
 def _free_port():
@@ -23,13 +23,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _train(out, *extra, nproc=1):
+def _train(out, *extra, nproc=1, common=COMMON):
     if nproc == 1:
         cmd = [sys.executable, "-m", "mmkernels.cli", "train"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master_port={_free_port()}", "-m", "mmkernels.cli", "train"]
-    proc = subprocess.run([*cmd, *COMMON, "--out-dir", str(out), *extra], capture_output=True, text=True,
+    proc = subprocess.run([*cmd, *common, "--out-dir", str(out), *extra], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return load_file(str(out / "adapter" / "adapter_model.safetensors")), json.load(open(out / "summary.json"))
@@ -55,3 +55,32 @@ def test_ranks_hold_identical_adapters(tmp_path):
     """The trainer compares every rank's trainable parameters with rank 0's at the end of a run."""
     _, summary = _train(tmp_path, "--batch-size", "4", "--distributed", "ddp", nproc=2)
     assert summary["rank_max_diff"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def instructions(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "d.jsonl"
+    rows = [{"instruction": f"Say {w}.", "output": w} for w in ("yes", "no", "maybe", "never")] * 8
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+# PaCA writes W_eff's columns into row shards; LaVIN's routing pass and Compacter's rule shared by every block
+# keep all blocks in the root group; HyperLLaVA's guidance crosses blocks.
+@pytest.mark.parametrize("method", ["paca", "lavin", "compacter", "hyperllava"])
+def test_fsdp_trains_every_method_like_one_process(tmp_path, instructions, method):
+    text = ["--data", instructions, "--data-format", "instruction", "--method", method, "--max-len", "192", *STEPS]
+    ref, _ = _train(tmp_path / "one", "--batch-size", "8", common=text)
+    got, summary = _train(tmp_path / "two", "--batch-size", "4", "--distributed", "fsdp", nproc=2, common=text)
+    assert summary["world_size"] == 2 and summary["rank_max_diff"] == 0.0
+    assert sorted(got) == sorted(ref)
+    moved = 0
+    for name, t in ref.items():
+        # LaVIN's routing gradients (routers, modality embedding) are small differences of large terms (two
+        # experts' softmax; zero at step 0), so the order of the reduction changes them by ~1e-3 relative, and
+        # Adam's normalised step passes that on (DDP gives FSDP's values exactly). Unreduced ones are off by O(1).
+        routing = ".router." in name or name.startswith("modality_embedding")
+        atol = 5e-3 * float(t.abs().max()) if routing else 2e-6
+        torch.testing.assert_close(got[name], t, rtol=2e-5, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+        moved += int(t.abs().sum() > 0)
+    assert moved > 0  # the runs trained something

@@ -30,6 +30,17 @@ def check_base_and_rank(base: nn.Linear, r: int):
     return d_out, d_in
 
 
+def _shard_rows(t, rows: int) -> slice:
+    """The rows of a dim-0-sharded DTensor that this process holds: torch.chunk's pieces, as FSDP2 shards."""
+    mesh = t.device_mesh
+    if mesh.ndim != 1 or [type(p).__name__ for p in t.placements] != ["Shard"] or t.placements[0].dim != 0:
+        raise NotImplementedError(f"PaCALinear.sync_: expected a weight sharded by rows on a 1-D mesh (FSDP2), "
+                                  f"got placements {t.placements} on a {mesh.ndim}-D mesh")
+    chunk = -(-rows // mesh.size())
+    start = min(mesh.get_local_rank() * chunk, rows)
+    return slice(start, min(start + chunk, rows))
+
+
 class PaCALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, scaling: float = 1.0, seed: int = 0, name: str = "") -> None:
         super().__init__()
@@ -57,8 +68,13 @@ class PaCALinear(nn.Module):
 
     @torch.no_grad()
     def sync_(self) -> "PaCALinear":
-        """W[:, I] = orig + s * delta (fp32 math, one rounding to W's dtype), in place."""
-        paca_ops.sync_columns(self.weight, self.orig_cols, self.delta, self.idx, self.scaling)
+        """W[:, I] = orig + s * delta (fp32 math, one rounding to W's dtype), in place. Under FSDP2 (weight and
+        delta sharded by rows) each process writes the rows it holds."""
+        weight, delta, orig = self.weight, self.delta, self.orig_cols
+        if hasattr(weight, "to_local"):
+            weight, delta = weight.to_local(), delta.to_local()
+            orig = orig[_shard_rows(self.weight, self.out_features)][: weight.shape[0]]
+        paca_ops.sync_columns(weight, orig, delta, self.idx, self.scaling)
         return self
 
     @torch.no_grad()

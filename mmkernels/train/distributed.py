@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import torch
 from torch import nn
@@ -51,9 +51,13 @@ def init(mode: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), mode, device)
 
 
-def wrap(module: nn.Module, info: DistInfo) -> nn.Module:
-    """The module the trainer calls: `module` itself, its DDP wrapper, or `module` sharded in place (each
-    block of module.model, then the root)."""
+def wrap(module: nn.Module, info: DistInfo, per_block: bool = True) -> nn.Module:
+    """The module the trainer calls: `module` itself, its DDP wrapper, or `module` sharded in place.
+
+    FSDP2: each block of module.model is a group, then the root. Every block stays in the root group instead
+    (the parameters sharded between steps, whole for all of the forward and backward) when per_block is False
+    (a method that runs blocks outside their own forward: LaVIN's routing pass) or when a parameter is held
+    both inside a block and elsewhere (Compacter's shared rule): FSDP2 keeps each parameter in one group."""
     if info.mode == "none":
         return module
     if info.mode == "ddp":
@@ -63,10 +67,29 @@ def wrap(module: nn.Module, info: DistInfo) -> nn.Module:
         return DistributedDataParallel(module, device_ids=ids)
     from torch.distributed.fsdp import fully_shard
 
-    for block in module.model.layers:
-        fully_shard(block)
+    if per_block and not shares_parameters_across_blocks(module, list(module.model.layers)):
+        for block in module.model.layers:
+            fully_shard(block)
     fully_shard(module)
     return module
+
+
+def shares_parameters_across_blocks(root: nn.Module, blocks: List[nn.Module]) -> bool:
+    """Whether some parameter is held by two blocks, or by a block and a module outside the blocks."""
+    where: Dict[int, set] = {}
+    in_block = set()
+    for b, block in enumerate(blocks):
+        for m in block.modules():
+            in_block.add(id(m))
+            for p in m._parameters.values():
+                if p is not None:
+                    where.setdefault(id(p), set()).add(b)
+    for m in root.modules():
+        if id(m) not in in_block:
+            for p in m._parameters.values():
+                if p is not None and id(p) in where:
+                    return True
+    return any(len(blocks_of) > 1 for blocks_of in where.values())
 
 
 def all_reduce_sum(value, info: DistInfo):
@@ -151,21 +174,23 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, par
 
 
 @contextlib.contextmanager
-def _unsharded(model: nn.Module):
-    shards = [m for m in model.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
+def _unsharded(root: nn.Module):
+    shards = [m for m in root.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
     for m in shards:
         m.unshard()
     try:
-        yield model
+        yield root
     finally:
         for m in shards:
             m.reshard()
 
 
-def save_adapter(spec, model: nn.Module, params: Dict[str, nn.Parameter], path: str, info: DistInfo) -> None:
-    """Write the adapter from rank 0; under FSDP every rank first gathers the parameters (a collective)."""
+def save_adapter(spec, root: nn.Module, model: nn.Module, params: Dict[str, nn.Parameter], path: str,
+                 info: DistInfo) -> None:
+    """Write the adapter of `model` from rank 0; under FSDP every rank first gathers the parameters of every
+    group under `root` (the module wrap() returned; a collective)."""
     if any(hasattr(p, "device_mesh") for p in params.values()):
-        with _unsharded(model):
+        with _unsharded(root):
             if info.rank == 0:
                 spec.save(model, path)
         barrier(info)

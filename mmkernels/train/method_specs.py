@@ -43,6 +43,9 @@ class MethodSpec:
     # (model, vision, pixel_values (B, 3, H, W) or None, B) -> keyword arguments of models.generation.generate
     # that give each prompt what the training forward gave its sample (visual tokens, prompts, routing).
     serve: Optional[Callable[[Llama, Optional[nn.Module], Optional[torch.Tensor], int], Dict[str, Any]]] = None
+    # FSDP2 groups per block; False when the method runs blocks outside their own forward (LaVIN's routing
+    # pass): the side path's backward would find the block resharded.
+    fsdp_per_block: bool = True
 
     def serve_inputs(self, model: Llama, vision: Optional[nn.Module], pixel_values: Optional[torch.Tensor],
                      batch: int) -> Dict[str, Any]:
@@ -194,7 +197,7 @@ def _lavin() -> MethodSpec:
 
     return MethodSpec("lavin", apply, m.adapter_parameters, m.save_adapter,
                       lambda model, path, vision: m.load_adapter(model, path, vision=vision), None, inputs,
-                      multimodal=True, serve=serve)
+                      multimodal=True, serve=serve, fsdp_per_block=False)
 
 
 _BUILDERS: Dict[str, Callable[[], MethodSpec]] = {

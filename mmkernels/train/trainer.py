@@ -205,7 +205,7 @@ class Run:
         if vision is None and any(s.image is not None for s in train_samples):
             raise ValueError("data: the samples have images but no vision tower is configured (set `vision`)")
         loss_module = LossModule(model, spec, vision, cfg.fused_loss, cfg.loss_chunk)
-        module = dist_utils.wrap(loss_module, dist)
+        module = dist_utils.wrap(loss_module, dist, per_block=spec.fsdp_per_block)
         # After wrapping: FSDP2 replaces the parameters by sharded ones.
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not params:
@@ -359,7 +359,8 @@ class Run:
         elapsed = time.perf_counter() - start
         after = self.evaluate()
         self.save_checkpoint()
-        dist_utils.save_adapter(self.spec, self.model, self.params, os.path.join(cfg.out_dir, "adapter"), self.dist)
+        dist_utils.save_adapter(self.spec, self.module, self.model, self.params, os.path.join(cfg.out_dir, "adapter"),
+                                self.dist)
         if say:
             from mmkernels.train.inference import write_run_info
 
