@@ -63,6 +63,29 @@ def test_lora_linear_matches_the_formula(shape, dtype, layout):
         assert_close_to_reference(o, lo, hi, f"lora {name} {shape} {dtype} {layout}")
 
 
+def test_float32_masters_with_16bit_activations():
+    """The trainer's setup on a GPU: a 16-bit base, float32 A and B (AdamW masters), 16-bit activations. The
+    low-rank path runs in the activations' dtype and the gradients reach the float32 masters."""
+    from mmkernels.train.trainer import master_weights
+
+    gen = torch.Generator().manual_seed(3)
+    base = torch.nn.Linear(40, 24, bias=False)
+    layer = LoRALinear(base, 4, alpha=8.0, generator=gen).to(torch.float16)
+    with torch.no_grad():
+        layer.lora_B.normal_(generator=gen)
+    master_weights(layer)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    x = torch.randn(3, 40, generator=gen).to(torch.float16)
+    y = layer(x)
+    assert y.dtype == torch.float16
+    a, b = layer.lora_A.detach(), layer.lora_B.detach()
+    want = _formula(x.double(), layer.weight.double(), a.double(), b.double(), layer.scaling, None)
+    low = _formula(x, layer.weight, a.half(), b.half(), layer.scaling, None)
+    assert_close_to_reference(y, low, want, "lora y, float32 masters")
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad.abs().sum() > 0
+
+
 def test_saves_x_and_h_only_and_skips_the_weight_gradient():
     layer = LoRALinear(torch.nn.Linear(64, 32), rank=4)
     x = torch.randn(10, 64, requires_grad=True)

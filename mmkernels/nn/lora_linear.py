@@ -54,7 +54,9 @@ class LoRALinear(nn.Module):
             y = F.linear(x, self.weight, self.bias)
             low = F.linear(F.linear(F.dropout(x, self.dropout, True), self.lora_A), self.lora_B)
             return y + self.scaling * low
-        return ops.lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scaling, self.bias)
+        # float32 masters under 16-bit autocast: the low-rank path runs in x's dtype, the gradients reach the masters.
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        return ops.lora_linear(x, self.weight, a, b, self.scaling, self.bias)
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:
