@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mmkernels.kernels import _device
+
 LOG2E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
@@ -428,7 +430,7 @@ def _config(head_dim: int, device: torch.device) -> Tuple[int, int, int, int]:
     On a GPU: FlashAttention-2-like tiles for Hopper/Ampere, not yet tuned by measurement on this code.
     Under the interpreter: small tiles, so that small odd test shapes span several partial blocks.
     """
-    if device.type != "cuda":
+    if not _device.compiled(device):
         return 16, 16, 1, 1
     if head_dim <= 64:
         return 128, 64, 4, 3
@@ -564,7 +566,7 @@ def backward_kernels(
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     block_m, block_n, warps, stages = _config(dim, q.device)
     # The key-block kernel holds k, v, dk, dv for its block: smaller query tiles keep registers in check.
-    bwd_m, bwd_n = (block_m // 2, block_n) if q.device.type == "cuda" else (block_m, block_n)
+    bwd_m, bwd_n = (block_m // 2, block_n) if _device.compiled(q.device) else (block_m, block_n)
     main_blocks = triton.cdiv(seq_k, bwd_n)
     if prompt is None:
         seq_p, prompt_blocks, gate_stride = 0, 0, 0

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mmkernels.kernels import _device
 from mmkernels.kernels.attention import LOG2E, _attn_fwd_segment, _gate, _precision, _strides3, batch_strides
 
 
@@ -137,7 +138,7 @@ def _config(rows: int, head_dim: int, device: torch.device) -> Tuple[int, int, i
     Under the interpreter: tiles of 16 and small chunks (see _splits), so the tests' small shapes span several
     row blocks, splits, partial tiles and empty splits. On a GPU: not yet tuned by measurement.
     """
-    if device.type != "cuda":
+    if not _device.compiled(device):
         return 16, 16, 16, 1, 1
     block_r = min(max(16, triton.next_power_of_2(rows)), 64 if head_dim > 64 else 128)
     return block_r, 64, 128, 4, 2
@@ -150,10 +151,10 @@ def _splits(seq_k: int, programs: int, block_n: int, device: torch.device) -> Tu
     and kv heads, one program per (sample, kv head) would leave most SMs idle for the whole cache read.
     """
     tiles = max(1, triton.cdiv(seq_k, block_n))
-    if device.type != "cuda":
+    if not _device.compiled(device):
         per_split = 2
     else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _device.sm_count(device)
         want = min(MAX_SPLITS, max(1, triton.cdiv(2 * sms, programs)))
         per_split = triton.cdiv(tiles, want)
     chunk = per_split * block_n
@@ -209,6 +210,6 @@ def decode_attention_fwd(
         *_strides3(out),
         heads, seq_q, num_splits, n_parts, gate_stride,
         HAS_PROMPT=has_prompt, GATE_TANH=gate_tanh, HEAD_DIM=dim, BLOCK_S=triton.next_power_of_2(num_splits),
-        num_warps=warps if q.device.type == "cuda" else 1,
+        num_warps=warps if _device.compiled(q.device) else 1,
     )
     return out

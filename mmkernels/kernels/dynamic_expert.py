@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mmkernels.kernels import _device
+
 MAX_BOTTLENECK = 128
 ACT_CODES = {"swiglu": 0, "gelu": 1, "silu": 2, "relu": 3}
 
@@ -258,9 +260,9 @@ def dynamic_expert_fwd(x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor
 def _num_splits(col_programs: int, row_blocks: int, device: torch.device) -> int:
     """Token splits of the weight kernel: enough programs to fill the GPU about twice; one on CPU (the
     interpreter runs programs serially)."""
-    if device.type != "cuda":
+    if not _device.compiled(device):
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _device.sm_count(device)
     return max(1, min(row_blocks, triton.cdiv(2 * sms, max(col_programs, 1))))
 
 

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mmkernels.kernels import _device
+
 
 def _hidden_block(h: int) -> int:
     return max(16, triton.next_power_of_2(h))
@@ -34,7 +36,7 @@ def _hidden_block(h: int) -> int:
 
 def _blocks(n: int, device: torch.device) -> Tuple[int, int]:
     """(BLOCK_T, BLOCK_N). On CPU (the interpreter, tests) small blocks so odd sizes cross chunk borders."""
-    if device.type != "cuda":
+    if not _device.compiled(device):
         return 16, 32
     return 64, min(128, max(16, triton.next_power_of_2(n)))
 
@@ -245,9 +247,9 @@ def _splits(batch: int, n_blocks: int, device: torch.device) -> int:
     """Programs per sample: about one per SM in all on a GPU (each owns an fp32 partial slice of ~(2h + 2) d
     floats, so fewer programs mean less partial traffic); 2 on CPU, so tests cover the strided loop and
     the cross-program reduction."""
-    if device.type != "cuda":
+    if not _device.compiled(device):
         return max(1, min(n_blocks, 2))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _device.sm_count(device)
     return max(1, min(n_blocks, triton.cdiv(sms, batch)))
 
 

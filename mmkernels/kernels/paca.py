@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mmkernels.kernels import _device
+
 
 def _pow2_block(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
@@ -82,9 +84,9 @@ def _delta_grad_kernel(
 
 def _num_splits(tiles: int, k_blocks: int, device: torch.device) -> int:
     """Enough programs to fill the GPU about twice; one split on CPU (the interpreter runs programs serially)."""
-    if device.type != "cuda":
+    if not _device.compiled(device):
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _device.sm_count(device)
     return max(1, min(k_blocks, triton.cdiv(2 * sms, tiles)))
 
 

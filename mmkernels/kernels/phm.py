@@ -33,8 +33,11 @@ import torch
 import triton
 import triton.language as tl
 
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+from mmkernels.kernels import _device
+
+# tl.constexpr: a compiled kernel may read a module global only in this form (the interpreter reads any).
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
@@ -99,7 +102,7 @@ def _down_z(X, roff, rmask, SD, D, cc, N: tl.constexpr, R: tl.constexpr, C: tl.c
     for f0 in range(0, D, BLOCK_D):
         feats = f0 + tl.arange(0, BLOCK_D)
         x = tl.load(X + roff + feats[None, :], mask=rmask[:, None] & (feats < D)[None, :], other=0.0)
-        s, _ = _left_tile(SD, feats, cc, D, PD, N, R)
+        s, _s_mask = _left_tile(SD, feats, cc, D, PD, N, R)
         if LOWP:
             z = tl.dot(x, s.to(x.dtype), z)
         else:
@@ -124,9 +127,9 @@ def _up_z(u_d, rmask, TD, BD, SU, K, cc, N: tl.constexpr, R: tl.constexpr, C: tl
     PK = K // N
     z = tl.zeros((BLOCK_M, C), dtype=tl.float32)
     for h0 in range(0, K, BLOCK_K):
-        hid, h, _, _ = _bottleneck_chunk(u_d, TD, BD, K, PK, h0, cc, N, R, BLOCK_K)
+        hid, h, _t, _t_mask = _bottleneck_chunk(u_d, TD, BD, K, PK, h0, cc, N, R, BLOCK_K)
         g = tl.where(rmask[:, None], _gelu(h), 0.0)
-        s, _ = _left_tile(SU, hid, cc, K, PK, N, R)
+        s, _s_mask = _left_tile(SU, hid, cc, K, PK, N, R)
         z = tl.dot(g, s, z, input_precision="ieee")
     return z
 
@@ -142,10 +145,10 @@ def _phm_adapter_fwd_kernel(
     roff = rows.to(tl.int64)[:, None] * D
     cc = tl.arange(0, C)
     z_d = _down_z(X, roff, rmask, SD, D, cc, N, R, C, LOWP, BLOCK_M, BLOCK_D)
-    a_d, _ = _rule_matrix(RD, cc, N, R)
+    a_d, _a_mask = _rule_matrix(RD, cc, N, R)
     u_d = tl.dot(z_d, a_d, input_precision="ieee")
     z_u = _up_z(u_d, rmask, TD, BD, SU, K, cc, N, R, C, BLOCK_M, BLOCK_K)
-    a_u, _ = _rule_matrix(RU, cc, N, R)
+    a_u, _a_mask = _rule_matrix(RU, cc, N, R)
     u_u = tl.dot(z_u, a_u, input_precision="ieee")
     PD = D // N
     for f0 in range(0, D, BLOCK_D):
@@ -153,7 +156,7 @@ def _phm_adapter_fwd_kernel(
         fmask = feats < D
         mask = rmask[:, None] & fmask[None, :]
         x = tl.load(X + roff + feats[None, :], mask=mask, other=0.0)
-        t, _ = _right_tile(TU, cc, feats, D, PD, N, R)
+        t, _t_mask = _right_tile(TU, cc, feats, D, PD, N, R)
         if LOWP:
             delta = tl.dot(u_u.to(x.dtype), t.to(x.dtype))
         else:
@@ -187,7 +190,7 @@ def _phm_adapter_bwd_kernel(
     a_d, amask = _rule_matrix(RD, cc, N, R)
     u_d = tl.dot(z_d, a_d, input_precision="ieee")
     z_u = _up_z(u_d, rmask, TD, BD, SU, K, cc, N, R, C, BLOCK_M, BLOCK_K)
-    a_u, _ = _rule_matrix(RU, cc, N, R)
+    a_u, _a_mask = _rule_matrix(RU, cc, N, R)
     u_u = tl.dot(z_u, a_u, input_precision="ieee")
 
     # Up layer, over the model width: dU_up = dY T_up^T; partials of dt_up = u_up^T dY and db_up.
@@ -270,7 +273,7 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 
 def _config(m: int, d: int, k: int, n: int, r: int, device: torch.device) -> Tuple[int, int, int, int]:
     c = _pow2(n * n * r, 16, 1 << 30)
-    if device.type == "cuda":
+    if _device.compiled(device):
         block_m = 64 if c <= 32 else 32
         block_d = 64
     else:  # the interpreter runs one program at a time: fewer, larger blocks are faster

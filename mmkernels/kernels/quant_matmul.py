@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mmkernels.kernels import _device
 from mmkernels.kernels.attention import _precision
 from mmkernels.reference.quantize import NF4_LEVELS
 
@@ -91,7 +92,7 @@ def _levels(device: torch.device) -> torch.Tensor:
 
 def _tiles(device: torch.device):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): small under the interpreter; GPU tiles not yet tuned."""
-    return (16, 16, 16, 1) if device.type != "cuda" else (64, 64, 64, 4)
+    return (16, 16, 16, 1) if not _device.compiled(device) else (64, 64, 64, 4)
 
 
 def dequant_matmul(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, kind: str, n: int, k: int,

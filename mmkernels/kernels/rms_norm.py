@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mmkernels.kernels import _device
+
 MAX_FUSED_N = 65536  # one row must fit one block
 
 
@@ -97,8 +99,8 @@ def rms_norm_fwd(
 
 
 def _num_bwd_programs(m: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if _device.compiled(device):
+        sms = _device.sm_count(device)
         return max(1, min(m, sms * 4))
     return max(1, min(m, 4))  # the interpreter runs programs one after another
 

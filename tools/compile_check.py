@@ -1,0 +1,246 @@
+"""Compile every Triton kernel of mmkernels for Hopper (sm_90) on a machine without a GPU.
+
+Triton's NVIDIA backend compiles without a device (its wheel carries ptxas): a stand-in driver reports a
+Hopper target (capability 9.0, 132 SMs, 227 KiB of shared memory per block, 1024 threads) and launches
+nothing, and the launch helpers are told they run on a GPU, so they pick their GPU tiles. Then one training
+step of every method the trainer drives, on a one-layer model of LLaMA-7B's widths (hidden 4096, 32 heads,
+8 kv heads, head_dim 128, intermediate 11008; bf16 weights, float32 adapters, bf16 autocast; the vocabulary
+just past the loss kernel's largest tile),
+and a short generation with the KV cache, run with the triton backend forced: every kernel variant those
+reach is compiled to a cubin and checked against the device limits (Triton raises OutOfResources).
+
+No kernel runs, so nothing here is computed (the outputs are whatever memory held): this checks that the
+kernels build for the GPU with the installed Triton, not that they are right (the gpu tests do that).
+
+    python tools/compile_check.py [--methods lora,paca] [--capability 90]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Callable, Dict, List, Tuple
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("compile_check: TRITON_INTERPRET=1 is set; unset it (the interpreter compiles nothing)")
+
+import torch  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+HOPPER = {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32,
+          "sm_clock_rate": 1980000, "mem_clock_rate": 3201000, "mem_bus_width": 6144}
+METHODS = ("base", "llama_adapter", "lora", "paca", "qpaca_nf4", "qpaca_int8", "compacter", "lavin", "hyperllava")
+
+
+class CompiledKernels:
+    """Every kernel the stand-in driver was asked to load: (name, shared bytes, warps, stages)."""
+
+    def __init__(self) -> None:
+        self.rows: List[Tuple[str, int, int, int]] = []
+
+    def launcher(self, src, metadata):
+        self.rows.append((src.fn.__name__, metadata.shared, metadata.num_warps, metadata.num_stages))
+        return lambda *args, **kwargs: None  # launches nothing
+
+
+class _Utils:
+    def __init__(self, props: Dict[str, int]) -> None:
+        self.props = props
+
+    def get_device_properties(self, device):
+        return dict(self.props)
+
+    def load_binary(self, name, kernel, shared, device):
+        return None, None, 0, 0, 1024  # module, function, registers, spills, max threads per block
+
+    def unload_module(self, module):
+        pass
+
+
+class StandInDriver:
+    """Enough of Triton's CUDA driver for compiling and 'launching': the target and the device limits."""
+
+    def __init__(self, capability: int, kernels: CompiledKernels) -> None:
+        self.capability = capability
+        self.utils = _Utils(HOPPER)
+        self.launcher_cls = kernels.launcher
+
+    def get_current_target(self):
+        return GPUTarget("cuda", self.capability, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def set_current_device(self, device):
+        pass
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_device_interface(self):
+        return torch.cuda
+
+    def map_python_to_cpp_type(self, ty):
+        return ty
+
+    def get_benchmarker(self):
+        raise RuntimeError("compile_check: nothing is timed here")
+
+
+def install(capability: int) -> CompiledKernels:
+    """Make Triton compile for `capability` and the launch helpers choose their GPU configurations."""
+    from mmkernels import backend
+    from mmkernels.kernels import _device
+
+    kernels = CompiledKernels()
+    driver.set_active(StandInDriver(capability, kernels))
+    backend.triton_interpret = lambda: True  # the triton backend accepts CPU tensors ...
+    _device.compiled = lambda device: True   # ... and the helpers pick GPU tiles for them
+    _device.sm_count = lambda device: HOPPER["multiprocessor_count"]
+    return kernels
+
+
+# ----------------------------------------------------------------------------------------------------
+# The workloads: one training step per method, and generation
+# ----------------------------------------------------------------------------------------------------
+
+OPTIONS = {"base": None, "llama_adapter": ("llama_adapter", {"version": 2}), "lora": ("lora", {"rank": 8}),
+           "paca": ("paca", {"rank": 16}), "qpaca_nf4": ("paca", {"rank": 16, "quantize": "nf4"}),
+           "qpaca_int8": ("paca", {"rank": 16, "quantize": "int8"}), "compacter": ("compacter", {}),
+           "lavin": ("lavin", {}), "hyperllava": ("hyperllava", {"language_layers": 1, "guidance_layer": 0})}
+
+
+def _model(layers: int = 1):
+    from mmkernels.kernels.linear_cross_entropy import BLOCK_V_MAX
+    from mmkernels.models import Llama, LlamaConfig
+
+    # vocab: past the cross-entropy kernel's largest vocabulary tile (BLOCK_V_MAX), which is all the kernel
+    # sees of it; 32000 would only make the CPU's float matmuls of the chunked loss slower.
+    cfg = LlamaConfig(vocab_size=BLOCK_V_MAX + 3, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096)
+    with torch.device("meta"):
+        model = Llama(cfg)
+    model.to_empty(device="cpu")
+    model.to(torch.bfloat16).requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # finite values: quantizers and checks read them
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.bfloat16) * 0.02)
+    return model
+
+
+def train_step(method: str, tokens: int = 13) -> None:
+    """One forward + backward of the trainer's loss (fused linear + cross-entropy) under bf16 autocast;
+    `tokens` is odd so the kernels see unaligned sizes, as real batches do."""
+    from mmkernels.train import method_specs, trainer
+    from mmkernels.train.data import Batch
+
+    model = _model(2 if method == "hyperllava" else 1)  # HyperLLaVA: guidance in block 0, an expert in block 1
+    if OPTIONS[method] is None:  # the base model with everything trainable that has a kernel: norms, lm_head
+        model.norm.weight.requires_grad_(True)
+        model.lm_head.weight.requires_grad_(True)
+        spec = method_specs.get("lora")
+    else:
+        name, options = OPTIONS[method]
+        spec = method_specs.get(name)
+        spec.apply(model, options, None)
+    trainer.master_weights(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, tokens))
+    batch = Batch(ids, ids, torch.ones_like(ids, dtype=torch.bool), None, torch.zeros(2, dtype=torch.bool))
+    loss_module = trainer.LossModule(model, spec, None, fused=True, chunk=None)
+    if OPTIONS[method] is None:
+        loss_module.spec = method_specs.MethodSpec("base", None, None, None, None, None, spec.inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_module(batch)
+    loss.backward()
+    if method == "paca":  # the fused AdamW + column sync of the deltas
+        from mmkernels.nn import PaCAAdamW
+        from mmkernels.methods import paca
+
+        PaCAAdamW(paca.layers(model).values()).step()
+
+
+def generation(method: str) -> None:
+    """A left-padded prefill (causal attention with kv_start) and decode steps (split-KV decode attention),
+    with LLaMA-Adapter's prompt segment when method is llama_adapter."""
+    from mmkernels.train import method_specs
+
+    model = _model()
+    if method == "llama_adapter":
+        method_specs.get("llama_adapter").apply(model, {"version": 1}, None)
+    with torch.no_grad():
+        model.generate([[1] * 37, [2] * 20], max_new_tokens=3)
+
+
+def segments() -> None:
+    """Packed rows: attention with segment ids, forward and backward, both head dims."""
+    from mmkernels import ops
+
+    for dim in (64, 128):
+        q = torch.randn(2, 53, 8, dim, dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(2, 53, 2, dim, dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(2, 53, 2, dim, dtype=torch.bfloat16, requires_grad=True)
+        seg = torch.cat([torch.zeros(2, 20, dtype=torch.long), torch.ones(2, 33, dtype=torch.long)], 1)
+        ops.attention(q, k, v, causal=True, segment_ids=seg).sum().backward()
+
+
+def workloads(methods: List[str]) -> Dict[str, Callable[[], None]]:
+    out: Dict[str, Callable[[], None]] = {f"train {m}": (lambda m=m: train_step(m)) for m in methods}
+    out["generate base"] = lambda: generation("base")
+    out["generate llama_adapter"] = lambda: generation("llama_adapter")
+    out["attention segments"] = segments
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list (default: %(default)s)")
+    p.add_argument("--capability", type=int, default=90, help="compute capability to compile for (default 90)")
+    p.add_argument("--shared-limit", type=int, default=HOPPER["max_shared_mem"],
+                   help="shared memory per block in bytes that every kernel must fit (default: Hopper's, %(default)s)")
+    args = p.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        p.error(f"--methods: unknown {unknown}; expected some of {list(METHODS)}")
+    HOPPER["max_shared_mem"] = args.shared_limit
+    kernels = install(args.capability)
+    import triton
+
+    import mmkernels
+
+    print(f"compile_check: triton {triton.__version__}, torch {torch.__version__}, target sm_{args.capability}")
+    failures = []
+    for name, run in workloads(methods).items():
+        start, before = time.perf_counter(), len(kernels.rows)
+        try:
+            with mmkernels.use_backend("triton"):
+                run()
+        except Exception as exc:  # every workload is tried; the failures are listed at the end
+            failures.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            print(f"  {name}: FAILED ({failures[-1]})")
+            continue
+        print(f"  {name}: {len(kernels.rows) - before} kernels compiled, {time.perf_counter() - start:.1f} s")
+    distinct = sorted(set(kernels.rows))
+    print(f"{len(distinct)} distinct kernel variants (name, shared memory bytes, warps, stages):")
+    for row in distinct:
+        print(f"  {row[0]:<40} {row[1]:>7} B  {row[2]:>2} warps  {row[3]} stages")
+    if failures:
+        print(f"compile_check FAILED ({len(failures)}):")
+        for f in failures:
+            print("  " + f)
+        return 1
+    print("compile_check passed: every kernel compiled for the target and fits its limits")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
