@@ -82,7 +82,7 @@ setup(
     extras_require={
         # triton is bundled with CUDA torch wheels; on CPU it runs kernels in its interpreter.
         "triton": ["triton>=3.1"],
-        "test": ["pytest", "triton>=3.1", "transformers>=4.46", "peft", "tokenizers", "pillow", "pyyaml"],
+        "test": ["pytest", "pytest-xdist", "triton>=3.1", "transformers>=4.46", "peft", "tokenizers", "pillow", "pyyaml"],
         # PNG/JPEG images for multimodal training data (.npy/.pt images need nothing), YAML configs.
         "train": ["transformers>=4.46", "pillow", "pyyaml"],
         "bench": ["triton>=3.1", "matplotlib", "transformers>=4.46", "peft"],
