@@ -286,3 +286,25 @@ def test_save_and_load_adapter(tmp_path):
     save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match=r"missing \['layers.2.mlp.expert.up.static'\]"):
         hl.load_adapter(tiny_model(), str(tmp_path))
+
+
+def test_projector_under_bf16_autocast_with_float32_masters():
+    """The trainer's GPU setup on the projector: float32 parameters (AdamW masters) under bf16 autocast. The
+    expert runs in the autocast dtype beside L1(f); the result is the float64 projector's within what the
+    projector computed wholly in bf16 achieves."""
+    import copy
+
+    from _tolerance import assert_close_to_reference
+
+    gen = torch.Generator().manual_seed(5)
+    proj = hl.HyperProjector(VISION_DIM, TINY["hidden_size"], generator=gen)
+    with torch.no_grad():  # a nonzero expert
+        for p in proj.expert.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    feats = torch.randn(2, 5, VISION_DIM, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = proj(feats.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    want = copy.deepcopy(proj).double()(feats.double())
+    low = copy.deepcopy(proj).to(torch.bfloat16)(feats.to(torch.bfloat16))
+    assert_close_to_reference(got, low, want, "projector under autocast")

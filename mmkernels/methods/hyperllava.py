@@ -118,8 +118,8 @@ class HyperProjector(nn.Module):
             raise ValueError(f"features: expected shape (B, N, {self.vision_dim}), got {tuple(features.shape)}")
         f = features.to(self.l1.weight.dtype)
         z = self.l1(f)
-        if self.expert is not None:
-            z = self.expert(f, guidance=f.mean(1), residual=z)
+        if self.expert is not None:  # in z's dtype: bf16 under autocast, with float32 masters
+            z = self.expert(f.to(z.dtype), guidance=f.mean(1), residual=z)
         return self.l2(F.gelu(z))
 
 
