@@ -6,7 +6,8 @@ nothing, and the launch helpers are told they run on a GPU, so they pick their G
 step of every method the trainer drives, on a one-layer model of LLaMA-7B's widths (hidden 4096, 32 heads,
 8 kv heads, head_dim 128, intermediate 11008; bf16 weights, float32 adapters, bf16 autocast; the vocabulary
 just past the loss kernel's largest tile),
-and a short generation with the KV cache, run with the triton backend forced: every kernel variant those
+the multimodal ones also with images through a one-layer CLIP-L/14-shaped tower (small images), and a short generation
+with the KV cache, run with the triton backend forced: every kernel variant those
 reach is compiled to a cubin and checked against the device limits (Triton raises OutOfResources).
 
 No kernel runs, so nothing here is computed (the outputs are whatever memory held): this checks that the
@@ -35,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HOPPER = {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32,
           "sm_clock_rate": 1980000, "mem_clock_rate": 3201000, "mem_bus_width": 6144}
 METHODS = ("base", "llama_adapter", "lora", "paca", "qpaca_nf4", "qpaca_int8", "compacter", "lavin", "hyperllava")
+MULTIMODAL = ("llama_adapter", "lavin", "hyperllava")
 
 
 class CompiledKernels:
@@ -137,13 +139,28 @@ def _model(layers: int = 1):
     return model
 
 
-def train_step(method: str, tokens: int = 13) -> None:
+def _clip_l(layers: int = 1):
+    """A CLIP-L/14-shaped vision tower (width 1024, 16 heads, patch 14) of `layers` layers, bf16, on 56-pixel
+    images: 17 tokens instead of 257 (the token count is a runtime size to the kernels; the widths are not)."""
+    from transformers import CLIPVisionConfig
+
+    from mmkernels.models.vision import VisionTower
+
+    cfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers,
+                           num_attention_heads=16, image_size=56, patch_size=14, projection_dim=768)
+    return VisionTower.from_config(cfg).to(torch.bfloat16).eval()
+
+
+def train_step(method: str, tokens: int = 13, images: bool = False) -> None:
     """One forward + backward of the trainer's loss (fused linear + cross-entropy) under bf16 autocast;
-    `tokens` is odd so the kernels see unaligned sizes, as real batches do."""
+    `tokens` is odd so the kernels see unaligned sizes, as real batches do. images: a batch with images
+    through a CLIP-L-shaped tower (the multimodal methods' vision-side kernels)."""
     from mmkernels.train import method_specs, trainer
     from mmkernels.train.data import Batch
 
     model = _model(2 if method == "hyperllava" else 1)  # HyperLLaVA: guidance in block 0, an expert in block 1
+    vision = _clip_l() if images else None
+    pixels = torch.randn(2, 3, 56, 56) if images else None
     if OPTIONS[method] is None:  # the base model with everything trainable that has a kernel: norms, lm_head
         model.norm.weight.requires_grad_(True)
         model.lm_head.weight.requires_grad_(True)
@@ -151,11 +168,11 @@ def train_step(method: str, tokens: int = 13) -> None:
     else:
         name, options = OPTIONS[method]
         spec = method_specs.get(name)
-        spec.apply(model, options, None)
+        spec.apply(model, options, vision)
     trainer.master_weights(model)
     ids = torch.randint(0, model.config.vocab_size, (2, tokens))
-    batch = Batch(ids, ids, torch.ones_like(ids, dtype=torch.bool), None, torch.zeros(2, dtype=torch.bool))
-    loss_module = trainer.LossModule(model, spec, None, fused=True, chunk=None)
+    batch = Batch(ids, ids, torch.ones_like(ids, dtype=torch.bool), pixels, torch.full((2,), images))
+    loss_module = trainer.LossModule(model, spec, vision, fused=True, chunk=None)
     if OPTIONS[method] is None:
         loss_module.spec = method_specs.MethodSpec("base", None, None, None, None, None, spec.inputs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -194,6 +211,9 @@ def segments() -> None:
 
 def workloads(methods: List[str]) -> Dict[str, Callable[[], None]]:
     out: Dict[str, Callable[[], None]] = {f"train {m}": (lambda m=m: train_step(m)) for m in methods}
+    for m in MULTIMODAL:
+        if m in methods:
+            out[f"train {m} with images"] = lambda m=m: train_step(m, images=True)
     out["generate base"] = lambda: generation("base")
     out["generate llama_adapter"] = lambda: generation("llama_adapter")
     out["attention segments"] = segments
