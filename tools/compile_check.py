@@ -222,7 +222,9 @@ def workloads(methods: List[str]) -> Dict[str, Callable[[], None]]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list (default: %(default)s)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma list of training steps (default: %(default)s); '' for generation and packed "
+                        "attention only, which always run")
     p.add_argument("--capability", type=int, default=90, help="compute capability to compile for (default 90)")
     p.add_argument("--shared-limit", type=int, default=HOPPER["max_shared_mem"],
                    help="shared memory per block in bytes that every kernel must fit (default: Hopper's, %(default)s)")
