@@ -138,12 +138,10 @@ def build(cfg: LlamaConfig, pcfg: paca.PaCAConfig, device, dtype: torch.dtype, s
     _fill(model.embed_tokens, device, gen)
     for i, block in enumerate(model.layers):
         _fill(block, device, gen)
-        if per_block:  # as paca.apply does it, for this block's targets only
+        if per_block:  # paca.apply's layers, for this block's targets only
             for name, (owner, attr) in targets.items():
                 if name.startswith(f"layers.{i}."):
-                    base = getattr(owner, attr)
-                    setattr(owner, attr, QPaCALinear(base, min(pcfg.rank, base.in_features), pcfg.scaling, pcfg.seed,
-                                                     name=name, kind=pcfg.quantize, block=pcfg.block))
+                    setattr(owner, attr, paca.make_layer(getattr(owner, attr), name, pcfg))
     _fill(model.norm, device, gen)
     _fill(model.lm_head, device, gen)
     model.to(device)  # the rotary frequencies (already-placed weights are not copied)

@@ -164,7 +164,7 @@ def train_step(method: str, tokens: int = 13, images: bool = False) -> None:
     if OPTIONS[method] is None:  # the base model with everything trainable that has a kernel: norms, lm_head
         model.norm.weight.requires_grad_(True)
         model.lm_head.weight.requires_grad_(True)
-        spec = method_specs.get("lora")
+        spec = method_specs.get("lora")  # not applied: only its text inputs are used
     else:
         name, options = OPTIONS[method]
         spec = method_specs.get(name)
@@ -173,8 +173,6 @@ def train_step(method: str, tokens: int = 13, images: bool = False) -> None:
     ids = torch.randint(0, model.config.vocab_size, (2, tokens))
     batch = Batch(ids, ids, torch.ones_like(ids, dtype=torch.bool), pixels, torch.full((2,), images))
     loss_module = trainer.LossModule(model, spec, vision, fused=True, chunk=None)
-    if OPTIONS[method] is None:
-        loss_module.spec = method_specs.MethodSpec("base", None, None, None, None, None, spec.inputs)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = loss_module(batch)
     loss.backward()

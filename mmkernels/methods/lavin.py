@@ -384,14 +384,28 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, pixel_values: Op
     max_new_tokens, temperature, top_p, eos_id, pad_id, seed, on_step (see generation.generate)."""
     from mmkernels.models.generation import generate as generate_tokens
 
+    inputs = generation_inputs(model, len(prompts), pixel_values=pixel_values, visual_tokens=visual_tokens,
+                               modality=modality)
+    return generate_tokens(model, prompts, **inputs, **kwargs)
+
+
+def generation_inputs(model: Llama, batch: int, *, pixel_values: Optional[torch.Tensor] = None,
+                      visual_tokens: Optional[torch.Tensor] = None,
+                      modality: Union[None, int, torch.Tensor] = None) -> Dict[str, Any]:
+    """Keyword arguments of models.generation.generate for `batch` prompts: the visual tokens as the prompts'
+    prefix (pixel_values encoded here, or visual_tokens) and the routing context of each sample's modality
+    (default: 1 with images, else 0), entered once for the prefill and every decode step."""
     _require(model)
     if pixel_values is not None and visual_tokens is not None:
         raise ValueError("pixel_values, visual_tokens: expected at most one of them")
     if pixel_values is not None:
         visual_tokens = encode_images(model, pixel_values)
     device = model.modality_embedding.weight.device
-    mod = _modality(modality, len(prompts), IMAGE if visual_tokens is not None else TEXT, device)
-    return generate_tokens(model, prompts, prefix_embeds=visual_tokens, context=lambda: routed(model, mod), **kwargs)
+    mod = _modality(modality, batch, IMAGE if visual_tokens is not None else TEXT, device)
+    out: Dict[str, Any] = {"context": lambda: routed(model, mod)}
+    if visual_tokens is not None:
+        out["prefix_embeds"] = visual_tokens
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

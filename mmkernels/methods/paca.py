@@ -66,15 +66,17 @@ def apply(model: Llama, cfg: PaCAConfig) -> Llama:
         raise ValueError("model: PaCA is already applied to this model")
     model.requires_grad_(False)
     for name, (owner, attr) in _targets(model, cfg.targets).items():
-        base = getattr(owner, attr)
-        r = min(cfg.rank, base.in_features)
-        if cfg.quantize is None:
-            layer = PaCALinear(base, r, cfg.scaling, cfg.seed, name=name)
-        else:
-            layer = QPaCALinear(base, r, cfg.scaling, cfg.seed, name=name, kind=cfg.quantize, block=cfg.block)
-        setattr(owner, attr, layer)
+        setattr(owner, attr, make_layer(getattr(owner, attr), name, cfg))
     model.paca_config = cfg
     return model
+
+
+def make_layer(base: nn.Linear, name: str, cfg: PaCAConfig) -> PaCALayer:
+    """The PaCALinear (or QPaCALinear) that replaces the target `base` named `name` in the model."""
+    r = min(cfg.rank, base.in_features)
+    if cfg.quantize is None:
+        return PaCALinear(base, r, cfg.scaling, cfg.seed, name=name)
+    return QPaCALinear(base, r, cfg.scaling, cfg.seed, name=name, kind=cfg.quantize, block=cfg.block)
 
 
 def layers(model: Llama) -> Dict[str, PaCALayer]:

@@ -73,7 +73,7 @@ class PaCALinear(nn.Module):
         weight, delta, orig = self.weight, self.delta, self.orig_cols
         if hasattr(weight, "to_local"):
             weight, delta = weight.to_local(), delta.to_local()
-            orig = orig[_shard_rows(self.weight, self.out_features)][: weight.shape[0]]
+            orig = orig[_shard_rows(self.weight, self.out_features)]
         paca_ops.sync_columns(weight, orig, delta, self.idx, self.scaling)
         return self
 

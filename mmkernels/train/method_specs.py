@@ -185,15 +185,8 @@ def _lavin() -> MethodSpec:
         embeds = torch.cat([visual.to(text.dtype), text], dim=1)
         return ModelInputs({"inputs_embeds": embeds}, visual.shape[1], lambda: m.routed(model, modality))
 
-    def serve(model, vision, pixels, batch):
-        device = model.modality_embedding.weight.device
-        modality = torch.full((batch,), m.TEXT if pixels is None else m.IMAGE, dtype=torch.long, device=device)
-        out: Dict[str, Any] = {"context": lambda: m.routed(model, modality)}
-        if pixels is not None:
-            _require_vision_path(model, getattr(model, "lavin_vision", None), "visual_projection",
-                             "LaVIN gets a visual projection")
-            out["prefix_embeds"] = m.encode_images(model, pixels)
-        return out
+    def serve(model, vision, pixels, batch):  # encode_images refuses images without LaVIN's vision tower
+        return m.generation_inputs(model, batch, pixel_values=pixels)
 
     return MethodSpec("lavin", apply, m.adapter_parameters, m.save_adapter,
                       lambda model, path, vision: m.load_adapter(model, path, vision=vision), None, inputs,
