@@ -66,6 +66,18 @@ def _require_vision_path(model: Llama, vision: Optional[nn.Module], part: str, w
         raise ValueError(f"images: the model has no vision path; set `vision` (a CLIP directory or 'tiny') so {why}")
 
 
+def _hide_visual_prefix(has_image: torch.Tensor, prefix: int, seq: int) -> Dict[str, Any]:
+    """Forward arguments that make the text-only samples of a mixed batch run as they do alone: their `prefix`
+    visual positions (placeholders, so the batch stays rectangular) are hidden from every query, as left
+    padding is (kv_start), and their text gets the rotary positions 0, 1, ... it has without them. Nothing for
+    a batch whose samples all have images."""
+    if bool(has_image.all()):
+        return {}
+    kv_start = torch.where(has_image, 0, prefix).to(torch.int32)
+    positions = (torch.arange(seq, device=has_image.device)[None, :] - kv_start[:, None].long()).clamp_min(0)
+    return {"kv_start": kv_start, "positions": positions}
+
+
 def _text_inputs(name: str):
     def inputs(model: Llama, vision, batch, prompt_end) -> ModelInputs:
         if batch.images is not None:
@@ -144,10 +156,11 @@ def _hyperllava() -> MethodSpec:
         prefix, kwargs = 0, {"input_ids": batch.input_ids}
         if batch.images is not None:
             _require_vision_path(model, vision, "visual_projector", "HyperLLaVA gets a projector")
-            # Text-only samples of a mixed batch see the features of a blank (zero) image.
             features = vision(batch.images)
-            kwargs = {"inputs_embeds": m.embed_multimodal(model, batch.input_ids, features)}
+            embeds = m.embed_multimodal(model, batch.input_ids, features)
             prefix = features.shape[1]
+            # Text-only samples of a mixed batch carry placeholder visual tokens that no query sees.
+            kwargs = {"inputs_embeds": embeds, **_hide_visual_prefix(batch.has_image, prefix, embeds.shape[1])}
         # The guidance is the last prompt token, so that no prediction sees the answer through the experts.
         position = prefix + prompt_end
         return ModelInputs(kwargs, prefix, lambda: m.guidance_at(model, position))
@@ -179,11 +192,12 @@ def _lavin() -> MethodSpec:
         _require_vision_path(model, getattr(model, "lavin_vision", None), "visual_projection",
                              "LaVIN gets a visual projection")
         modality = batch.has_image.long()
-        # Text-only samples of a mixed batch get zero visual tokens (and the text-only routing).
-        visual = m.encode_images(model, batch.images) * batch.has_image[:, None, None]
+        visual = m.encode_images(model, batch.images)
         text = model.embed_tokens(batch.input_ids)
         embeds = torch.cat([visual.to(text.dtype), text], dim=1)
-        return ModelInputs({"inputs_embeds": embeds}, visual.shape[1], lambda: m.routed(model, modality))
+        # Text-only samples of a mixed batch (text-only routing) carry placeholder visual tokens no query sees.
+        kwargs = {"inputs_embeds": embeds, **_hide_visual_prefix(batch.has_image, visual.shape[1], embeds.shape[1])}
+        return ModelInputs(kwargs, visual.shape[1], lambda: m.routed(model, modality))
 
     def serve(model, vision, pixels, batch):  # encode_images refuses images without LaVIN's vision tower
         return m.generation_inputs(model, batch, pixel_values=pixels)
