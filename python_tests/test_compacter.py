@@ -142,32 +142,54 @@ def test_save_and_load_adapter(tmp_path):
         cp.load_adapter(other, str(tmp_path))
 
 
-def test_logits_match_the_adapters_library():
-    """The library's Compacter (CompacterConfig(reduction_factor=8), Houlsby placement, shared rule) on a tiny
-    LlamaForCausalLM vs this Compacter on the same base and adapter weights (fixture: make_phm_fixture.py)."""
+def _library_fixture():
+    """(tensors, tiny LLaMA config, adapters metadata) of the fixture written by make_phm_fixture.py."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     with safe_open(str(FIXTURE), "pt") as fh:
         meta = fh.metadata()
-    tensors = load_file(str(FIXTURE))
-    lcfg, ccfg = json.loads(meta["llama"]), json.loads(meta["compacter"])
+    return load_file(str(FIXTURE)), json.loads(meta["llama"]), meta
+
+
+def _base_model(tensors, lcfg, dtype=torch.float32) -> Llama:
+    """The fixture's base LlamaForCausalLM (HF names, stored in float16) as an mmkernels Llama in `dtype`."""
     base = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.") or k == "lm_head.weight"}
-    lib_rule = tensors["lib.model.shared_parameters.c.phm_rule"]
+    model = Llama(LlamaConfig(**lcfg))
+    model.load_state_dict({k: v.to(torch.float32) for k, v in base.items()})
+    return model.to(dtype).eval()
+
+
+def _load_library_adapters(model, tensors, lib, name, places):
+    """Copy the library's adapter `name` (fixture keys `lib`<library name>) into the model's Compacter;
+    places: (the library's location, our adapted sublayer attribute) per adapter of a block."""
+    rule = tensors[f"{lib}model.shared_parameters.{name}.phm_rule"]
+    for i, block in enumerate(model.layers):
+        for where, attr in places:
+            prefix = f"{lib}model.layers.{i}.{where}_adapters.adapters.{name}."
+            state = {n: tensors[prefix + n] for n in ADAPTERS_NAMES.values() if prefix + n in tensors}
+            getattr(block, attr).compacter.load_adapters_state(state, phm_rule=rule)
+
+
+def _logits(model, input_ids):
+    with torch.no_grad():
+        return model.lm_head(model(input_ids, hidden_only=True))  # logits in the model dtype
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_logits_match_the_adapters_library(backend):
+    """The library's Compacter (CompacterConfig(reduction_factor=8), Houlsby placement, shared rule) on a tiny
+    LlamaForCausalLM vs this Compacter on the same base and adapter weights (fixture: make_phm_fixture.py)."""
+    tensors, lcfg, meta = _library_fixture()
+    ccfg = json.loads(meta["compacter"])
     ours = {}
     for dtype in (torch.float32, torch.float64):
-        model = Llama(LlamaConfig(**lcfg))
-        model.load_state_dict({k: v.to(torch.float32) for k, v in base.items()})
-        model = model.to(dtype).eval()
+        model = _base_model(tensors, lcfg, dtype)
         cp.apply(model, cp.CompacterConfig(variant="compacter", n=ccfg["phm_dim"], reduction=ccfg["reduction_factor"],
                                            rank=ccfg["phm_rank"]))
-        for i, block in enumerate(model.layers):
-            for where, owner in (("attention", block.self_attn), ("output", block.mlp)):
-                prefix = f"lib.model.layers.{i}.{where}_adapters.adapters.c."
-                state = {name: tensors[prefix + name] for name in ADAPTERS_NAMES.values() if prefix + name in tensors}
-                owner.compacter.load_adapters_state(state, phm_rule=lib_rule)
-        with torch.no_grad():
-            ours[dtype] = model.lm_head(model(tensors["input_ids"], hidden_only=True))  # logits in the model dtype
+        _load_library_adapters(model, tensors, "lib.", "c", [("attention", "self_attn"), ("output", "mlp")])
+        with mmkernels.use_backend(backend):
+            ours[dtype] = _logits(model, tensors["input_ids"])
     lib32, lib64 = tensors["logits32"], tensors["logits64"]
     # float64: the same math up to the rotary frequencies, which this model keeps in float32 (as HF's float32
     # model does) while HF's float64 run casts them to float64: ~1e-7 of the logits, not a layout error (O(1)).
@@ -175,6 +197,122 @@ def test_logits_match_the_adapters_library():
     torch.testing.assert_close(ours[torch.float64], lib64, rtol=0, atol=1e-6 * scale)
     assert_close_to_reference(ours[torch.float32], lib32, lib64, "logits", k=3.0)
     with torch.no_grad():  # the adapters matter: without them the logits are far off
-        plain = Llama(LlamaConfig(**lcfg))
-        plain.load_state_dict({k: v.to(torch.float32) for k, v in base.items()})
+        plain = _base_model(tensors, lcfg)
         assert (plain(tensors["input_ids"]).double() - lib64).abs().max() > 100 * 1e-6 * scale
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_compacterpp_logits_match_the_adapters_library(backend):
+    """The library's Compacter++ (CompacterPlusPlusConfig(reduction_factor=8): output adapter only, reading the
+    stream after the MLP's add) on the fixture's tiny LlamaForCausalLM vs variant="compacterpp" with its default
+    input ("stream") on the same weights; the sublayer placement is far off."""
+    tensors, lcfg, meta = _library_fixture()
+    pcfg = json.loads(meta["compacterpp"])
+    assert pcfg["original_ln_before"] and pcfg["residual_before_ln"] is True and not pcfg["mh_adapter"]
+
+    def run(dtype, **cfg):
+        model = _base_model(tensors, lcfg, dtype)
+        cp.apply(model, cp.CompacterConfig(variant="compacterpp", n=pcfg["phm_dim"], reduction=pcfg["reduction_factor"],
+                                           rank=pcfg["phm_rank"], **cfg))
+        _load_library_adapters(model, tensors, "pp.lib.", "cpp", [("output", "mlp")])
+        with mmkernels.use_backend(backend):
+            return _logits(model, tensors["input_ids"])
+
+    assert cp.CompacterConfig(variant="compacterpp").input == "stream"
+    ours32, ours64 = run(torch.float32), run(torch.float64)
+    lib32, lib64 = tensors["pp.logits32"], tensors["pp.logits64"]
+    scale = lib64.abs().max().item()
+    # float64: the same math up to the rotary frequencies (float32 here) and the order of the stream additions.
+    torch.testing.assert_close(ours64, lib64, rtol=0, atol=1e-6 * scale)
+    assert_close_to_reference(ours32, lib32, lib64, "logits", k=3.0)
+    # The placement matters: the adapter on the MLP output alone, or no adapter, is far from the library.
+    sublayer = run(torch.float64, input="sublayer")
+    assert (sublayer - lib64).abs().max() > 100 * 1e-6 * scale
+    assert (_logits(_base_model(tensors, lcfg, torch.float64), tensors["input_ids"]) - lib64).abs().max() > 100 * 1e-6 * scale
+
+
+def test_input_option_defaults_and_errors():
+    assert cp.CompacterConfig().input == "sublayer"
+    assert cp.CompacterConfig(variant="compacterpp").input == "stream"
+    assert cp.CompacterConfig(variant="compacterpp", input="sublayer").input == "sublayer"
+    # The trainer's method options: a dict without "input" gets the variant's default.
+    assert cp.CompacterConfig.from_dict({"variant": "compacterpp"}).input == "stream"
+    assert cp.CompacterConfig.from_dict({"variant": "compacterpp"}).to_dict()["input"] == "stream"
+    with pytest.raises(ValueError, match="input: expected one of"):
+        cp.CompacterConfig(variant="compacterpp", input="residual")
+    with pytest.raises(ValueError, match="variant='compacter' with input='stream'"):
+        cp.CompacterConfig(variant="compacter", input="stream")
+
+
+def test_stream_input_is_the_adapter_on_the_stream_after_the_mlp_add():
+    """stream' = Ad(o + r) after each block: the same model computed by hand from the base blocks."""
+    cfg = cp.CompacterConfig(variant="compacterpp", reduction=8, seed=5)
+    model = cp.apply(tiny_model(), cfg)
+    with torch.no_grad():
+        for p in cp.adapter_parameters(model).values():
+            p.normal_(0.0, 0.3)
+    assert model.layers[0]._forward_hooks and not model.layers[0].mlp._forward_hooks  # hooked on the block
+    x = ids()
+    with torch.no_grad():
+        got = model(x)
+        plain = tiny_model()
+        for block, theirs in zip(plain.layers, model.layers):
+            block.mlp.compacter = theirs.mlp.compacter  # the same adapter, not hooked
+        cos, sin = mmkernels.ops.rope_cos_sin(torch.arange(x.shape[1]), plain._inv_freq)
+        stream = plain.embed_tokens(x)
+        for block in plain.layers:
+            o, r = block(stream, None, cos, sin, None, None)
+            stream = block.mlp.compacter(o + r)
+        want = plain.lm_head(plain.norm(stream)).float()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    with torch.no_grad():  # not the sublayer placement
+        sub = cp.apply(tiny_model(), cp.CompacterConfig(variant="compacterpp", input="sublayer", reduction=8, seed=5))
+        for n, p in cp.adapter_parameters(sub).items():
+            p.copy_(cp.adapter_parameters(model)[n])
+        assert (sub(x) - got).abs().max() > 1e-2
+
+
+def test_stream_input_trains_with_gradient_checkpointing():
+    """The block hook also runs when a checkpointed block is recomputed: same gradients as without."""
+    grads = []
+    for checkpointing in (False, True):
+        model = cp.apply(tiny_model(), cp.CompacterConfig(variant="compacterpp", reduction=8, seed=2))
+        model.train()
+        model.gradient_checkpointing = checkpointing
+        x = ids(2, 10, seed=4)
+        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in cp.adapter_parameters(model).items()})
+    assert all(g.abs().sum() > 0 for g in grads[0].values())
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_adapter_saved_without_input_loads_as_sublayer(tmp_path):
+    """An adapter_config.json from before the `input` option (no "input" key): both variants then read the
+    sublayer output, so a "compacterpp" one loads with input="sublayer", not its new default."""
+    model = cp.apply(tiny_model(), cp.CompacterConfig(variant="compacterpp", input="sublayer", reduction=8, seed=1))
+    with torch.no_grad():
+        for p in cp.adapter_parameters(model).values():
+            p.normal_(0.0, 0.3)
+    cp.save_adapter(model, str(tmp_path))
+    config_file = tmp_path / "adapter_config.json"
+    saved = json.loads(config_file.read_text())
+    assert saved["input"] == "sublayer"
+    del saved["input"]  # the file as the earlier version wrote it
+    config_file.write_text(json.dumps(saved))
+    restored = cp.load_adapter(tiny_model(), str(tmp_path))
+    assert restored.compacter_config.input == "sublayer"
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(restored(x), model(x))
+    # A current file keeps its input; a "stream" adapter round-trips too.
+    stream = cp.apply(tiny_model(), cp.CompacterConfig(variant="compacterpp", reduction=8, seed=1))
+    cp.save_adapter(stream, str(tmp_path / "new"))
+    again = cp.load_adapter(tiny_model(), str(tmp_path / "new"))
+    assert again.compacter_config.input == "stream" and again.compacter_config == stream.compacter_config
+    with torch.no_grad():
+        assert torch.equal(again(x), stream(x))
+    with pytest.raises(ValueError, match="differs"):
+        cp.load_adapter(cp.apply(tiny_model(), cp.CompacterConfig(variant="compacterpp", reduction=8, seed=1)),
+                        str(tmp_path))
