@@ -440,9 +440,7 @@ def smoke() -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = runner.parse_args(SPEC, argv)
-    if runner.HAS_CUDA:
-        return run(args)
-    return runner.report_smoke(smoke())
+    return runner.run_or_smoke(run, args, smoke)
 
 
 if __name__ == "__main__":

@@ -307,9 +307,7 @@ def smoke(steps: int = 2, lr: float = 1e-2, backends: Optional[List[str]] = None
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = runner.parse_args(SPEC, argv)
-    if runner.HAS_CUDA:
-        return run(args)
-    return runner.report_smoke(smoke())
+    return runner.run_or_smoke(run, args, smoke)
 
 
 if __name__ == "__main__":

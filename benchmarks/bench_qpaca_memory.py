@@ -326,9 +326,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    if runner.HAS_CUDA:
-        return run(args)
-    return runner.report_smoke(smoke())
+    return runner.run_or_smoke(run, args, smoke)
 
 
 if __name__ == "__main__":

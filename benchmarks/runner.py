@@ -140,6 +140,16 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+# Library knobs a benchmark run may set in the environment to compare variants on the GPU; when set, each
+# row's provider carries them, e.g. "mmkernels[MMK_ATTN_BWD_TILES=64,64,8,3/64,64,8,3]".
+TAGGED_ENV: Tuple[str, ...] = ("MMK_ATTN_BWD_TILES",)
+
+
+def tagged(provider: str) -> str:
+    tags = [f"{k}={os.environ[k]}" for k in TAGGED_ENV if os.environ.get(k)]
+    return f"{provider}[{';'.join(tags)}]" if tags else provider
+
+
 def make_row(
     *,
     op: str,
@@ -169,7 +179,7 @@ def make_row(
     pct_flops = None if tflops is None or not matmul_tflops else 100.0 * tflops / matmul_tflops
     row = {
         "op": op,
-        "provider": provider,
+        "provider": tagged(provider),
         "backend": backend,
         "mode": mode,
         "shape": dict(shape),
@@ -687,6 +697,12 @@ def parse_args(bench: Bench, argv: Optional[Sequence[str]] = None) -> argparse.N
             p.error(f"--modes: unknown mode {mode!r}; expected some of {list(MODES)}")
     return args
 
+
+
+def run_or_smoke(run: Callable[[argparse.Namespace], int], args: argparse.Namespace,
+                 smoke_fn: Callable[[], List[str]]) -> int:
+    """A script's exit status: its timed run on a GPU, else its CPU correctness smoke."""
+    return run(args) if HAS_CUDA else report_smoke(smoke_fn())
 
 
 def report_smoke(failures: List[str]) -> int:

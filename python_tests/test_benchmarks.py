@@ -78,6 +78,16 @@ def test_smoke_catches_a_wrong_op():
     assert failures and any("output" in f for f in failures) and any("grad" in f for f in failures)
 
 
+def test_rows_name_the_library_knobs_they_ran_with(monkeypatch):
+    """A run that sets a tagged knob (the attention backward's tiles) says so in every row's provider."""
+    kwargs = dict(op="x", provider="mmkernels", backend="triton", mode="fwd+bwd", shape={"n": 1}, dtype="bf16",
+                  ms=(2.0, 1.5, 2.5), flops=None, nbytes=None, copy_gbps=None, peak_mem_mb=None, env=ENV)
+    monkeypatch.delenv("MMK_ATTN_BWD_TILES", raising=False)
+    assert runner.make_row(**kwargs)["provider"] == "mmkernels"
+    monkeypatch.setenv("MMK_ATTN_BWD_TILES", "64,64,8,3/64,64,8,3")
+    assert runner.make_row(**kwargs)["provider"] == "mmkernels[MMK_ATTN_BWD_TILES=64,64,8,3/64,64,8,3]"
+
+
 def test_make_row_arithmetic():
     row = runner.make_row(
         op="x", provider="mmkernels", backend="triton", mode="fwd", shape={"n": 1}, dtype="bf16",
