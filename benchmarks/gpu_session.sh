@@ -8,7 +8,7 @@
 # Usage (repo root, on a CUDA machine with torch, triton and nvcc):
 #   bash benchmarks/gpu_session.sh OUTDIR [BUDGET_S] [STAGE ...]
 # BUDGET_S: seconds for the whole pass (default 540). STAGE: run only these stages (default: all, in order):
-#   build tests gated_attention llama_adapter_layer decode_attention paca train_step qpaca_memory mom_adapter
+#   build tests gated_attention attention_bwd_tiles llama_adapter_layer decode_attention paca train_step qpaca_memory mom_adapter
 #   phm_adapter dynamic_expert attention rms_norm linear_cross_entropy swiglu rope paca_step
 # Back on the development machine:  bash benchmarks/gpu_session.sh --collect OUTDIR/gpu_session.tar.gz
 # appends the bundle's JSON rows to benchmarks/results/ and puts its logs in benchmarks/results/logs/.
@@ -86,6 +86,11 @@ stage tests 200 python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider python_test
 # Issue targets first: the prompt segment nearly free, the adapted layer vs PEFT, decoding with the prompt.
 # No torch.compile providers in this pass (each compile costs tens of seconds), except where a target names it.
 bench gated_attention 45 --quick --modes fwd+bwd --providers mmkernels,attention_no_prompt,sdpa_no_prompt,eager
+# The attention backward's tiles were chosen by register use (no spills on sm_90), not by time: time the
+# earlier tiles and the tutorial-like ones at the same shape (the rows' providers name the tiles).
+stage attention_bwd_tiles 60 bash -c 'for tiles in 64,64,8,3/64,64,8,3 32,128,8,3/128,32,8,3; do
+    MMK_ATTN_BWD_TILES=$tiles python3 benchmarks/bench_gated_attention.py --out "$0" --quick --modes fwd+bwd \
+        --providers mmkernels,attention_no_prompt || exit 1; done' "$work/results"
 bench llama_adapter_layer 45 --quick --modes fwd+bwd --providers mmkernels,peft
 bench decode_attention 45 --quick --modes fwd --providers mmkernels:cuda,mmkernels:triton,sdpa_two_pass
 bench paca 60 --quick --modes fwd+bwd \

@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TEXT_METHODS = "base,llama_adapter,lora,paca,qpaca_nf4,qpaca_int8"
 
 
-def run_check(*args):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def run_check(*args, env=None):
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "tools" / "compile_check.py"), *args], capture_output=True,
                           text=True, env=env, timeout=1200)
 
@@ -39,3 +39,11 @@ def test_a_kernel_over_the_shared_memory_limit_fails():
     proc = run_check("--methods", "", "--shared-limit", str(32 * 1024))
     assert proc.returncode == 1
     assert "OutOfResources" in proc.stdout and "compile_check FAILED" in proc.stdout
+
+
+def test_a_kernel_that_spills_registers_fails():
+    """Spills are checked: attention backward tiles at head_dim 128 with 4 warps (MMK_ATTN_BWD_TILES, the
+    benchmark knob) make ptxas spill registers to local memory, and the check names the kernel."""
+    proc = run_check("--methods", "", env={"MMK_ATTN_BWD_TILES": "32,128,4,3/128,32,4,3"})
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "_attn_bwd_dkdv" in proc.stdout and "local-memory instructions" in proc.stdout

@@ -164,6 +164,16 @@ def test_boundary_checks():
         PHMAdapter(64, reduction=4, n=4, phm_rule=new_phm_rule(2))
 
 
+def test_rule_wider_than_the_kernels_take():
+    """n * n * rank > 128 (e.g. n = 8, rank 4) does not fit the triton kernels: a forced triton backend
+    raises naming the limit; the automatic choice runs the reference (on CPU, the reference anyway)."""
+    x, rd, sd, td, bd, ru, su, tu, bu = [t.detach().float() for t in make_inputs((3,), 64, 16, 8, 4)]
+    with mmkernels.use_backend("triton"), pytest.raises(ValueError, match=r"n \* n \* rank <= 128.*n = 8, rank = 4"):
+        phm_adapter(x, rd, sd, td, bd, ru, su, tu, bu)
+    want = ref.phm_adapter(x.double(), *(t.double() for t in (rd, sd, td, bd, ru, su, tu, bu)))
+    torch.testing.assert_close(phm_adapter(x, rd, sd, td, bd, ru, su, tu, bu).double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_module_init_follows_the_library():
     torch.manual_seed(0)
     m = PHMAdapter(512, reduction=8, n=4, rank=1)

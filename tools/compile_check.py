@@ -8,26 +8,33 @@ step of every method the trainer drives, on a one-layer model of LLaMA-7B's widt
 just past the loss kernel's largest tile),
 the multimodal ones also with images through a one-layer CLIP-L/14-shaped tower (small images), and a short generation
 with the KV cache, run with the triton backend forced: every kernel variant those
-reach is compiled to a cubin and checked against the device limits (Triton raises OutOfResources).
+reach is compiled to a cubin and checked against the device limits (Triton raises OutOfResources) and for
+register spills: the local-memory stores and loads in its SASS (cuobjdump), of which a kernel may have a
+few (a register parked across a loop; --max-spills, default 4). The table lists every variant's registers,
+stack and spill instructions.
 
 No kernel runs, so nothing here is computed (the outputs are whatever memory held): this checks that the
 kernels build for the GPU with the installed Triton, not that they are right (the gpu tests do that).
 
-    python tools/compile_check.py [--methods lora,paca] [--capability 90]
+    python tools/compile_check.py [--methods lora,paca] [--capability 90] [--max-spills 4]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, NamedTuple, Tuple
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("compile_check: TRITON_INTERPRET=1 is set; unset it (the interpreter compiles nothing)")
 
 import torch  # noqa: E402
+import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 
@@ -39,26 +46,75 @@ METHODS = ("base", "llama_adapter", "lora", "paca", "qpaca_nf4", "qpaca_int8", "
 MULTIMODAL = ("llama_adapter", "lavin", "hyperllava")
 
 
+class Variant(NamedTuple):
+    """One compiled kernel: what ptxas made of it (registers per thread, the stack frame, and the local-memory
+    stores and loads in its machine code: register spills) and its launch shape. `key` (Triton's hash) tells
+    apart variants that print alike."""
+
+    name: str
+    shared: int
+    warps: int
+    stages: int
+    registers: int = -1
+    stack: int = -1
+    spills: int = -1  # STL + LDL instructions in the SASS
+    key: str = ""
+
+
 class CompiledKernels:
-    """Every kernel the stand-in driver was asked to load: (name, shared bytes, warps, stages)."""
+    """Every kernel the stand-in driver was asked to load. Triton creates a kernel's launcher and then loads
+    its binary: the launcher opens the row, load_binary completes it with the cubin's resource usage."""
 
     def __init__(self) -> None:
-        self.rows: List[Tuple[str, int, int, int]] = []
+        self.rows: List[Variant] = []
 
     def launcher(self, src, metadata):
-        self.rows.append((src.fn.__name__, metadata.shared, metadata.num_warps, metadata.num_stages))
+        self.rows.append(Variant(src.fn.__name__, metadata.shared, metadata.num_warps, metadata.num_stages,
+                                 key=metadata.hash))
         return lambda *args, **kwargs: None  # launches nothing
+
+    def loaded(self, registers: int, stack: int, spills: int) -> None:
+        self.rows[-1] = self.rows[-1]._replace(registers=registers, stack=stack, spills=spills)
+
+
+_CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+_LOCAL_ACCESS = re.compile(r"\b(?:STL|LDL)(?:\.\w+)*\s")
+
+
+def resource_usage(cubin: bytes) -> Tuple[int, int, int]:
+    """(registers per thread, stack bytes per thread, local-memory store and load instructions) of the one
+    kernel in a cubin, from cuobjdump (Triton's wheel carries it): its resource report and its SASS. A stack
+    frame without local accesses costs nothing; STL/LDL are registers spilled and reloaded."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        report = subprocess.run([_CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", report)
+    if found is None:
+        raise RuntimeError(f"compile_check: no resource usage in cuobjdump's report:\n{report}")
+    return int(found.group(1)), int(found.group(2)), len(_LOCAL_ACCESS.findall(sass))
+
+
+def max_threads(registers: int, props: Dict[str, int]) -> int:
+    """The most threads a block of this kernel may have: registers are allocated per warp in units of 256, out
+    of the SM's register file (what the driver reports as the function's max threads per block)."""
+    per_warp = -(-registers * props["warpSize"] // 256) * 256
+    return min(1024, props["max_num_regs"] // max(per_warp, 1) * props["warpSize"])
 
 
 class _Utils:
-    def __init__(self, props: Dict[str, int]) -> None:
-        self.props = props
+    def __init__(self, props: Dict[str, int], kernels: CompiledKernels) -> None:
+        self.props, self.kernels = props, kernels
 
     def get_device_properties(self, device):
         return dict(self.props)
 
     def load_binary(self, name, kernel, shared, device):
-        return None, None, 0, 0, 1024  # module, function, registers, spills, max threads per block
+        registers, stack, spills = resource_usage(kernel)
+        self.kernels.loaded(registers, stack, spills)
+        # Triton reads spills from the driver as local bytes / 4; the stack frame is where ptxas spills.
+        return None, None, registers, stack // 4, max_threads(registers, self.props)
 
     def unload_module(self, module):
         pass
@@ -69,7 +125,7 @@ class StandInDriver:
 
     def __init__(self, capability: int, kernels: CompiledKernels) -> None:
         self.capability = capability
-        self.utils = _Utils(HOPPER)
+        self.utils = _Utils(HOPPER, kernels)
         self.launcher_cls = kernels.launcher
 
     def get_current_target(self):
@@ -226,6 +282,10 @@ def main(argv=None) -> int:
     p.add_argument("--capability", type=int, default=90, help="compute capability to compile for (default 90)")
     p.add_argument("--shared-limit", type=int, default=HOPPER["max_shared_mem"],
                    help="shared memory per block in bytes that every kernel must fit (default: Hopper's, %(default)s)")
+    p.add_argument("--max-spills", type=int, default=4,
+                   help="local-memory load/store instructions (register spills) a kernel may have (default: "
+                        "%(default)s: a register or two parked across a loop, one store and one load each, as "
+                        "the dynamic expert's row backward has; the spilling tiles this check found had 60+)")
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
@@ -233,8 +293,6 @@ def main(argv=None) -> int:
         p.error(f"--methods: unknown {unknown}; expected some of {list(METHODS)}")
     HOPPER["max_shared_mem"] = args.shared_limit
     kernels = install(args.capability)
-    import triton
-
     import mmkernels
 
     print(f"compile_check: triton {triton.__version__}, torch {torch.__version__}, target sm_{args.capability}")
@@ -249,10 +307,17 @@ def main(argv=None) -> int:
             print(f"  {name}: FAILED ({failures[-1]})")
             continue
         print(f"  {name}: {len(kernels.rows) - before} kernels compiled, {time.perf_counter() - start:.1f} s")
-    distinct = sorted(set(kernels.rows))
-    print(f"{len(distinct)} distinct kernel variants (name, shared memory bytes, warps, stages):")
+    distinct = sorted({row.key: row for row in kernels.rows}.values())
+    print(f"{len(distinct)} distinct kernel variants (shared memory, warps, stages; registers and stack bytes "
+          "per thread, local-memory (spill) instructions):")
     for row in distinct:
-        print(f"  {row[0]:<40} {row[1]:>7} B  {row[2]:>2} warps  {row[3]} stages")
+        print(f"  {row.name:<32} {row.shared:>7} B  {row.warps:>2} warps  {row.stages} stages  "
+              f"{row.registers:>3} regs  {row.stack:>4} B stack  {row.spills:>3} spill instr")
+    for row in distinct:
+        if row.spills > args.max_spills:
+            failures.append(f"{row.name} ({row.warps} warps, {row.stages} stages, {row.shared} B shared): "
+                            f"{row.spills} local-memory instructions ({row.stack} B of stack per thread: registers "
+                            f"spilled), over --max-spills {args.max_spills}")
     if failures:
         print(f"compile_check FAILED ({len(failures)}):")
         for f in failures:

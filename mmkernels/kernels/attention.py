@@ -26,6 +26,7 @@ probability recomputed in the backward exp(s - inf) = 0.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -437,6 +438,59 @@ def _config(head_dim: int, device: torch.device) -> Tuple[int, int, int, int]:
     return 128, 64, 8, 3
 
 
+class BwdConfig(NamedTuple):
+    """A backward kernel's tiles: block_m queries by block_n keys per step, warps and pipeline stages."""
+
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+
+
+BWD_TILES_ENV = "MMK_ATTN_BWD_TILES"
+
+
+def parse_bwd_tiles(text: str) -> Tuple[BwdConfig, BwdConfig]:
+    """'M,N,WARPS,STAGES/M,N,WARPS,STAGES' (dk/dv kernel / dq kernel) -> the two BwdConfigs."""
+    expected = (f"{BWD_TILES_ENV}: expected 'block_m,block_n,warps,stages/block_m,block_n,warps,stages' (dk/dv "
+                "kernel / dq kernel; blocks powers of two >= 16, warps 1-16 a power of two, stages >= 1), got ")
+    parts = text.split("/")
+    if len(parts) != 2:
+        raise ValueError(expected + repr(text))
+    out = []
+    for part in parts:
+        try:
+            cfg = BwdConfig(*(int(v) for v in part.split(",")))
+        except (TypeError, ValueError):
+            raise ValueError(expected + repr(text)) from None
+        pow2 = [v for v in (cfg.block_m, cfg.block_n, cfg.warps) if v & (v - 1) == 0]
+        if len(pow2) < 3 or min(cfg.block_m, cfg.block_n) < 16 or not 1 <= cfg.warps <= 16 or cfg.stages < 1:
+            raise ValueError(expected + repr(text))
+        out.append(cfg)
+    return out[0], out[1]
+
+
+def _bwd_configs(head_dim: int, device: torch.device) -> Tuple[BwdConfig, BwdConfig]:
+    """(dk/dv kernel, dq kernel). The dk/dv kernel holds k, v, dk and dv for its block_n keys and steps over
+    block_m queries; the dq kernel holds q, dO and dq for its block_m queries and steps over block_n keys.
+
+    On a GPU: tiles with which ptxas needs no stack (no register spills) on sm_90 for every variant (plain,
+    kv_start, packed segments, the gated prompt segment), per tools/compile_check.py; at head_dim 128 the
+    64-query x 64-key dk/dv tile of 8 warps spilled 104-184 B per thread. Not yet chosen by measurement: the
+    environment variable MMK_ATTN_BWD_TILES ('m,n,warps,stages/m,n,warps,stages', see parse_bwd_tiles)
+    replaces them, so that a benchmark can compare tiles on the GPU.
+    """
+    block_m, block_n, warps, stages = _config(head_dim, device)
+    if not _device.compiled(device):
+        return BwdConfig(block_m, block_n, warps, stages), BwdConfig(block_n, block_m, warps, stages)
+    override = os.environ.get(BWD_TILES_ENV)
+    if override:
+        return parse_bwd_tiles(override)
+    if head_dim <= 64:
+        return BwdConfig(64, 64, 4, 3), BwdConfig(64, 64, 4, 3)
+    return BwdConfig(64, 32, 8, 3), BwdConfig(32, 64, 8, 3)
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs get exact fp32 products (no TF32) so they agree with the float32 reference.
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
@@ -564,9 +618,8 @@ def backward_kernels(
     seq_k, heads_kv = k.shape[1], k.shape[2]
     dq = torch.empty((bsz, seq_q, heads, dim), dtype=q.dtype, device=q.device)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    block_m, block_n, warps, stages = _config(dim, q.device)
-    # The key-block kernel holds k, v, dk, dv for its block: smaller query tiles keep registers in check.
-    bwd_m, bwd_n = (block_m // 2, block_n) if _device.compiled(q.device) else (block_m, block_n)
+    dkdv_cfg, dq_cfg = _bwd_configs(dim, q.device)
+    bwd_m, bwd_n = dkdv_cfg.block_m, dkdv_cfg.block_n
     main_blocks = triton.cdiv(seq_k, bwd_n)
     if prompt is None:
         seq_p, prompt_blocks, gate_stride = 0, 0, 0
@@ -586,20 +639,19 @@ def backward_kernels(
     seg, seg_range = _segment_args(segment_ids, lse)
     common = dict(CAUSAL=causal, HAS_KV_START=kv_start is not None, HAS_SEGMENTS=segment_ids is not None,
                   HAS_PROMPT=prompt is not None,
-                  GATE_TANH=prompt is not None and prompt.gate_tanh, HEAD_DIM=dim, PRECISION=_precision(q.dtype),
-                  num_warps=warps, num_stages=stages)
+                  GATE_TANH=prompt is not None and prompt.gate_tanh, HEAD_DIM=dim, PRECISION=_precision(q.dtype))
     _attn_bwd_dkdv[(main_blocks + prompt_blocks, bsz * heads_kv)](
         q, k, v, dout, lse, delta, dk, dv, ks, seg, seg_range, pk, pv, dpk, dpv, lse_p, delta_p, gate,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dk), *_strides3(dv),
         *pk_strides, *pv_strides, *dpk_strides, *dpv_strides,
         heads, heads_kv, heads // heads_kv, seq_q, seq_k, seq_p, main_blocks, gate_stride, scale,
-        BLOCK_M=bwd_m, BLOCK_N=bwd_n, **common,
+        BLOCK_M=bwd_m, BLOCK_N=bwd_n, num_warps=dkdv_cfg.warps, num_stages=dkdv_cfg.stages, **common,
     )
-    _attn_bwd_dq[(triton.cdiv(seq_q, bwd_n), bsz * heads)](
+    _attn_bwd_dq[(triton.cdiv(seq_q, dq_cfg.block_m), bsz * heads)](
         q, k, v, dout, lse, delta, dq, ks, seg, seg_range, pk, pv, lse_p, delta_p, gate,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(dout), *_strides3(dq), *pk_strides, *pv_strides,
         heads, heads // heads_kv, seq_q, seq_k, seq_p, gate_stride, scale,
-        BLOCK_M=bwd_n, BLOCK_N=bwd_m, **common,
+        BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, num_warps=dq_cfg.warps, num_stages=dq_cfg.stages, **common,
     )
     if prompt is None:
         return dq, dk, dv

@@ -34,11 +34,19 @@ def _hidden_block(h: int) -> int:
     return max(16, triton.next_power_of_2(h))
 
 
-def _blocks(n: int, device: torch.device) -> Tuple[int, int]:
-    """(BLOCK_T, BLOCK_N). On CPU (the interpreter, tests) small blocks so odd sizes cross chunk borders."""
+def _blocks(n: int, device: torch.device, backward: bool) -> Tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_N, num_warps, num_stages). On CPU (the interpreter, tests) small blocks so odd sizes
+    cross chunk borders.
+
+    On a GPU the backward holds several (BLOCK_T, BLOCK_N) fp32 tiles at once (dy, x, dx_hat, x_hat, dx):
+    at 64 x 128 with 4 warps ptxas spills 1.2-1.5 KB per thread to the stack on sm_90; 64 x 64 with 8 warps
+    and 2 stages needs no stack (tools/compile_check.py reports registers and stack per kernel)."""
     if not _device.compiled(device):
-        return 16, 32
-    return 64, min(128, max(16, triton.next_power_of_2(n)))
+        return 16, 32, 4, 1
+    width = max(16, triton.next_power_of_2(n))
+    if backward:
+        return 64, min(64, width), 8, 2
+    return 64, min(128, width), 4, 3
 
 
 @triton.jit
@@ -231,14 +239,14 @@ def mom_adapter_fwd(x, a_w, a_b, b_w, b_b, d_w, d_b, router_w, norm_weight: Opti
     rstd = torch.empty((batch, t) if norm_weight is not None else (0,), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
         return y, u, rstd
-    block_t, block_n = _blocks(n, x.device)
+    block_t, block_n, warps, stages = _blocks(n, x.device, backward=False)
     nw = norm_weight if norm_weight is not None else a_b
     grid = (batch, triton.cdiv(t, block_t))
     _mom_fwd_kernel[grid](
         x, a_w, a_b, b_w, b_b, d_w, d_b, router_w, nw, y, u, rstd if norm_weight is not None else u,
         t, n, h, hg, n // (h // hg), float(scale), float(eps),
         HAS_NORM=norm_weight is not None, IEEE=x.dtype == torch.float32, BLOCK_T=block_t, BLOCK_N=block_n,
-        HP=_hidden_block(h), num_warps=4,
+        HP=_hidden_block(h), num_warps=warps, num_stages=stages,
     )
     return y, u, rstd
 
@@ -260,7 +268,7 @@ def mom_adapter_bwd(dy, x, u, rstd, a_w, a_b, b_w, b_b, d_w, d_b, router_w, norm
     batch, t, n, h, hg = _check(x, a_w, b_w)
     groups = h // hg
     dx = torch.empty_like(x)
-    block_t, block_n = _blocks(n, x.device)
+    block_t, block_n, warps, stages = _blocks(n, x.device, backward=True)
     n_blocks = triton.cdiv(t, block_t) if t else 0
     splits = _splits(batch, n_blocks, x.device)
     progs = batch * splits
@@ -278,7 +286,7 @@ def mom_adapter_bwd(dy, x, u, rstd, a_w, a_b, b_w, b_b, d_w, d_b, router_w, norm
             da_p, p_p, s_p, dnw_p if norm_weight is not None else s_p, dab_p, dw_p,
             t, n, h, hg, n // groups, splits, float(scale),
             HAS_NORM=norm_weight is not None, IEEE=x.dtype == torch.float32, BLOCK_T=block_t, BLOCK_N=block_n,
-            HP=_hidden_block(h), num_warps=4,
+            HP=_hidden_block(h), num_warps=warps, num_stages=stages,
         )
     w = router_w.float()
     per_sample = p_p.view(batch, splits, n, h).sum(1)                    # (batch, d, h): dy_b^T u_b

@@ -271,16 +271,28 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
 
-def _config(m: int, d: int, k: int, n: int, r: int, device: torch.device) -> Tuple[int, int, int, int]:
+MAX_C = 128  # n * n * r (padded to a power of two) above which the kernels do not fit Hopper's shared memory
+
+
+def _config(m: int, d: int, k: int, n: int, r: int, device: torch.device, backward: bool = False
+            ) -> Tuple[int, int, int, int, int, int]:
+    """(C, BLOCK_M, BLOCK_D, BLOCK_K, num_warps, num_stages).
+
+    GPU tiles by what ptxas makes of them on sm_90 (tools/compile_check.py; d = 4096, bf16): C = n*n*r
+    padded to >= 16 sets the width of the rule tiles every row block holds. C = 16 (n = 4, r = 1, the
+    paper's) takes 64-row blocks with no spills: the forward with 4 warps, the backward with 8 (it spilled
+    192 B per thread with 4). C = 32 needs 16-row blocks and 8 warps to stay off the stack. C = 64 still
+    spills in the backward (88 B at the tiles below) and C = 128 in both (over 1 KB); C = 256 does not fit
+    the shared memory at all (MAX_C). Not yet chosen by measurement."""
     c = _pow2(n * n * r, 16, 1 << 30)
-    if _device.compiled(device):
-        block_m = 64 if c <= 32 else 32
-        block_d = 64
-    else:  # the interpreter runs one program at a time: fewer, larger blocks are faster
-        block_m = _pow2(m, 16, 64)
-        block_d = _pow2(d, 16, 128)
     block_k = _pow2(k, 16, 64)
-    return c, block_m, block_d, block_k
+    if not _device.compiled(device):  # the interpreter runs one program at a time: fewer, larger blocks
+        return c, _pow2(m, 16, 64), _pow2(d, 16, 128), block_k, 4, 1
+    if c <= 16:
+        return c, 64, 64, block_k, 8 if backward else 4, 3
+    if c <= 32:
+        return c, 16, 32, block_k, 8, 3
+    return c, 16, 32, 16, 8, 2
 
 
 def phm_adapter_fwd(x2d: torch.Tensor, rule_d, s_d, t_d, b_d, rule_u, s_u, t_u, b_u) -> torch.Tensor:
@@ -291,12 +303,12 @@ def phm_adapter_fwd(x2d: torch.Tensor, rule_d, s_d, t_d, b_d, rule_u, s_u, t_u, 
     y = torch.empty_like(x2d)
     if m == 0:
         return y
-    c, block_m, block_d, block_k = _config(m, d, k, n, r, x2d.device)
+    c, block_m, block_d, block_k, warps, stages = _config(m, d, k, n, r, x2d.device)
     grid = (triton.cdiv(m, block_m),)
     _phm_adapter_fwd_kernel[grid](
         x2d, y, rule_d, s_d, t_d, b_d, rule_u, s_u, t_u, b_u, m, d, k,
         N=n, R=r, C=c, LOWP=x2d.dtype != torch.float32,
-        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=4,
+        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )
     return y
 
@@ -310,7 +322,7 @@ def phm_adapter_bwd(dy2d: torch.Tensor, x2d: torch.Tensor, rule_d, s_d, t_d, b_d
     nr, pd, pk = n * r, d // n, k // n
     dev = x2d.device
     dx = torch.empty_like(x2d)
-    c, block_m, block_d, block_k = _config(m, d, k, n, r, dev)
+    c, block_m, block_d, block_k, warps, stages = _config(m, d, k, n, r, dev, backward=True)
     g = triton.cdiv(m, block_m)
     f32 = dict(dtype=torch.float32, device=dev)
     p_rd, p_ru = torch.empty(g, n, n, n, r, **f32), torch.empty(g, n, n, n, r, **f32)
@@ -322,7 +334,7 @@ def phm_adapter_bwd(dy2d: torch.Tensor, x2d: torch.Tensor, rule_d, s_d, t_d, b_d
             x2d, dy2d, dx, rule_d, s_d, t_d, b_d, rule_u, s_u, t_u,
             p_rd, p_sd, p_td, p_bd, p_ru, p_su, p_tu, p_bu, m, d, k,
             N=n, R=r, C=c, LOWP=x2d.dtype != torch.float32,
-            BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=4,
+            BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
         )
 
     def rule_grad(p):

@@ -15,6 +15,9 @@ A PHM layer computes x @ W + bias with W = sum_i kron(A_i, s_i t_i), never mater
 GELU is the exact (erf) form, the library's "gelu". The forward saves only x; the backward recomputes the
 bottleneck and GELU (see kernels/phm.py). Gradients flow to x and all eight parameters (a rule passed as both
 rule_down and rule_up receives the sum of both gradients through autograd).
+
+The triton kernels take n * n * rank <= MAX_TRITON_RULE_WIDTH (128; the paper's n = 4, rank 1 is 16); beyond
+it the automatic choice runs the reference, and a forced triton backend raises.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ __all__ = ["phm_adapter", "phm_linear"]
 
 OP = "phm_adapter"
 backend.register_op(OP, ("triton", "reference"))
+MAX_TRITON_RULE_WIDTH = 128  # kernels/phm.py MAX_C: wider rule tiles do not fit Hopper's shared memory
 
 
 @torch.library.custom_op("mmkernels::phm_adapter_fwd", mutates_args=())
@@ -134,6 +138,11 @@ def phm_adapter(x: Tensor, rule_down: Tensor, s_down: Tensor, t_down: Tensor, b_
     if b_up is None:
         b_up = x.new_zeros(d)
     impl = backend.select(OP, x.device)
+    if impl == "triton" and n * n * r > MAX_TRITON_RULE_WIDTH:
+        if backend.forced_backend() == "triton":
+            raise ValueError(f"s_down: the triton phm_adapter kernels take n * n * rank <= {MAX_TRITON_RULE_WIDTH} "
+                             f"(their rule tiles must fit the shared memory), got n = {n}, rank = {r}: {n * n * r}")
+        impl = "reference"  # as mom_adapter: the automatic choice skips a kernel that cannot take the shape
     params = [p.contiguous() for p in (rule_down, s_down, t_down, b_down, rule_up, s_up, t_up, b_up)]
     y = phm_adapter_fwd(x.reshape(-1, d).contiguous(), *params, impl)
     return y.view(x.shape)
