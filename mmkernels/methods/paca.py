@@ -3,6 +3,7 @@
     apply(model, PaCAConfig(rank=16))                    # PaCALinear on the targets, base frozen
     apply(model, PaCAConfig(rank=16, quantize="nf4"))    # QPaCALinear: NF4 (or int8) base, exact columns
     sync_after_step(optimizer, model)                    # PaCALinear: rewrite W_eff after every step
+    fused_optimizer(model, groups, lr=..)                # or PaCAAdamW: the step and the rewrite in one pass
     save_adapter / load_adapter / merge
 
 Columns are chosen from (the layer's name in the model, seed), so a saved adapter reloads onto the same
@@ -12,7 +13,7 @@ columns; the saved file holds each layer's deltas and its column indices (checke
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from mmkernels.methods import _adapter_io
 from mmkernels.methods.lora import TARGETS, _targets
 from mmkernels.models.llama import Llama
 from mmkernels.nn import PaCALinear
+from mmkernels.nn.paca_adamw import PaCAAdamW
 from mmkernels.nn.qpaca_linear import QPaCALinear
 
 PaCALayer = Union[PaCALinear, QPaCALinear]
@@ -101,6 +103,21 @@ def sync_after_step(optimizer: torch.optim.Optimizer, model: Llama):
     """Call sync(model) after every optimizer.step(); returns the hook handle (handle.remove() detaches)."""
     layers(model)
     return optimizer.register_step_post_hook(lambda *_: sync(model))
+
+
+def fused_optimizer(model: Llama, groups: List[Dict[str, Any]], **adamw: Any) -> Optional[PaCAAdamW]:
+    """PaCAAdamW over AdamW's param groups of deltas: torch.optim.AdamW(groups, **adamw) followed by sync(model)
+    in one pass per layer. None where it does not apply: a grouped tensor is not a PaCALinear's delta
+    (QPaCALinear needs no sync; a parameter of another method), or a delta is a DTensor shard (FSDP2: the
+    fused step writes whole columns, and a shard holds only some rows)."""
+    owners = {id(m.delta): m for m in layers(model).values() if isinstance(m, PaCALinear)}
+    fused_groups = []
+    for group in groups:
+        params = list(group["params"])
+        if any(id(p) not in owners or hasattr(p, "device_mesh") for p in params):
+            return None
+        fused_groups.append({**group, "params": [owners[id(p)] for p in params]})
+    return PaCAAdamW(fused_groups, **adamw)
 
 
 def merge(model: Llama) -> Llama:

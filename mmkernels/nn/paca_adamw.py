@@ -8,11 +8,18 @@ whose grad is None is skipped (its state and weight untouched). The state per de
 ("step" as a float32 CPU scalar tensor, "exp_avg", "exp_avg_sq"), so `state_dict()` / `load_state_dict()`
 are the inherited ones and a state dict moves between this optimizer and torch.optim.AdamW over the same
 deltas in the same order.
+
+Param groups follow torch's format with modules in place of tensors, e.g. per-group learning rates:
+
+    PaCAAdamW([{"params": [q_proj, k_proj], "lr": 1e-3}, {"params": [mlp_up]}], lr=3e-4, weight_decay=0.0)
+
+each group's own lr / betas / eps / weight_decay (checked like the defaults) override the defaults; other keys
+are kept in the group, as torch does.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Tuple
+from typing import Any, Dict, Iterable, List, Tuple, Union
 
 import torch
 
@@ -26,33 +33,70 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-class PaCAAdamW(torch.optim.Optimizer):
-    def __init__(self, modules: Iterable[PaCALinear], lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
-        if isinstance(modules, PaCALinear):
-            modules = [modules]
-        modules = list(modules)
-        if not modules:
-            raise ValueError("modules: expected at least one PaCALinear, got none")
-        for i, m in enumerate(modules):
-            if not isinstance(m, PaCALinear):
-                raise TypeError(f"modules[{i}]: expected a PaCALinear, got {type(m).__name__}")
-        # Plain numbers only (no tensors: they would be stored in the param groups), in AdamW's ranges.
+def _hparams(where: str, lr, betas, eps, weight_decay):
+    """(lr, (beta1, beta2), eps, weight_decay) as plain floats in AdamW's ranges; `where` prefixes errors."""
+    # Plain numbers only (no tensors: they would be stored in the param groups).
+    try:
         lr, eps, weight_decay = (_checks.number(n, v) for n, v in (("lr", lr), ("eps", eps),
                                                                     ("weight_decay", weight_decay)))
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
         betas = (_checks.number("betas[0]", betas[0]), _checks.number("betas[1]", betas[1]))
         lr, beta1, beta2, eps, weight_decay = check_adamw_hparams(lr, betas, eps, weight_decay)
-        betas = (beta1, beta2)
+    except (TypeError, ValueError) as exc:
+        if not where:
+            raise
+        raise type(exc)(where + str(exc)) from None
+    return lr, (beta1, beta2), eps, weight_decay
+
+
+def _modules_of(where: str, modules: List[Any]) -> List[PaCALinear]:
+    if not modules:
+        raise ValueError(f"{where}: expected at least one PaCALinear, got none")
+    for i, m in enumerate(modules):
+        if not isinstance(m, PaCALinear):
+            raise TypeError(f"{where}[{i}]: expected a PaCALinear, got {type(m).__name__}")
+    return modules
+
+
+def _group(where: str, group: Dict[str, Any]):
+    """(error prefix, the group's modules, its other keys) of a param-group dict."""
+    if "params" not in group:
+        raise ValueError(f"{where}: a param group needs a 'params' entry (its PaCALinear modules)")
+    mods = group["params"]
+    mods = [mods] if isinstance(mods, PaCALinear) else list(mods)
+    return f"{where}: ", _modules_of(f"{where}['params']", mods), {k: v for k, v in group.items() if k != "params"}
+
+
+class PaCAAdamW(torch.optim.Optimizer):
+    def __init__(self, modules: Union[PaCALinear, Iterable[PaCALinear], Iterable[Dict[str, Any]]], lr: float = 1e-3,
+                 betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+        """modules: PaCALinear modules (one group), or param-group dicts whose "params" are PaCALinear modules."""
+        items = [modules] if isinstance(modules, (PaCALinear, dict)) else list(modules)
+        if not items:
+            raise ValueError("modules: expected at least one PaCALinear, got none")
+        if all(isinstance(g, dict) for g in items):
+            groups = [_group(f"modules[{i}]", g) for i, g in enumerate(items)]
+        elif any(isinstance(g, dict) for g in items):
+            raise TypeError("modules: expected PaCALinear modules or param-group dicts, got a mix of both")
+        else:
+            groups = [("", _modules_of("modules", items), {})]
+        lr, betas, eps, weight_decay = _hparams("", lr, betas, eps, weight_decay)
         # The module that owns each delta: kept beside the param groups so state_dict() holds no modules.
         self._owner = {}
-        for m in modules:
-            if id(m.delta) in self._owner:
-                raise ValueError(f"modules: the PaCALinear {m.name!r} is listed twice")
-            self._owner[id(m.delta)] = m
+        for _, group_modules, _ in groups:
+            for m in group_modules:
+                if id(m.delta) in self._owner:
+                    raise ValueError(f"modules: the PaCALinear {m.name!r} is listed twice")
+                self._owner[id(m.delta)] = m
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        super().__init__([m.delta for m in modules], defaults)
+        param_groups = []
+        for where, group_modules, options in groups:
+            group = {**defaults, **options}
+            group["lr"], group["betas"], group["eps"], group["weight_decay"] = _hparams(
+                where, group["lr"], group["betas"], group["eps"], group["weight_decay"])
+            param_groups.append({**group, "params": [m.delta for m in group_modules]})
+        super().__init__(param_groups, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
         params = param_group["params"]

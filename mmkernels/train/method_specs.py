@@ -40,6 +40,13 @@ class MethodSpec:
     inputs: Callable[[Llama, Optional[nn.Module], Any, torch.Tensor], ModelInputs]  # (.., batch, prompt_end)
     multimodal: bool = False
     attach: Optional[Callable[[torch.optim.Optimizer, Llama], Any]] = None  # e.g. PaCA's column sync
+    # (model, AdamW's param groups, AdamW's keyword arguments) -> one optimizer that does AdamW's step and what
+    # `attach` adds (PaCA: PaCAAdamW, the step and the column sync in one pass), or None where it does not
+    # apply (the trainer then builds AdamW + attach).
+    optimizer: Optional[Callable[..., Optional[torch.optim.Optimizer]]] = None
+    # Called after the trainable parameters were overwritten in place (a resume): recompute what the forward
+    # derives from them (PaCA's W_eff columns).
+    after_load: Optional[Callable[[Llama], None]] = None
     # (model, vision, pixel_values (B, 3, H, W) or None, B) -> keyword arguments of models.generation.generate
     # that give each prompt what the training forward gave its sample (visual tokens, prompts, routing).
     serve: Optional[Callable[[Llama, Optional[nn.Module], Optional[torch.Tensor], int], Dict[str, Any]]] = None
@@ -131,7 +138,7 @@ def _paca() -> MethodSpec:
 
     return MethodSpec("paca", lambda model, o, v: m.apply(model, m.PaCAConfig.from_dict(o)), m.adapter_parameters,
                       m.save_adapter, _without_vision(m.load_adapter), m.merge, _text_inputs("paca"),
-                      attach=m.sync_after_step)
+                      attach=m.sync_after_step, optimizer=m.fused_optimizer, after_load=m.sync)
 
 
 def _compacter() -> MethodSpec:

@@ -1,6 +1,10 @@
 """The training loop of `mmkernels train`: build the model, method and data from a TrainConfig, train with
 AdamW on the trainable parameters only, log, checkpoint, resume, evaluate and save the adapter.
 
+The optimizer is torch.optim.AdamW plus the method's step hook (`attach`), or, with `fused_optimizer` and a
+method that has one, the method's fused equivalent (PaCA: PaCAAdamW, which writes W_eff's columns in the same
+pass as the AdamW step). Its name is printed at the start and recorded in summary.json ("optimizer").
+
     run = Run.build(cfg)        # model (+ vision tower), method applied, data, optimizer, schedule
     summary = run.train()       # returns the end-of-run summary (also printed and written to summary.json)
 
@@ -149,6 +153,25 @@ def param_groups(params: Dict[str, nn.Parameter], lr: float, multipliers: Dict[s
     return [{"params": ps, "lr": lr * f, "lr_multiplier": f} for f, ps in groups.items()]
 
 
+def build_optimizer(spec: method_specs.MethodSpec, model: Llama, groups: List[Dict[str, Any]],
+                    cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The method's fused optimizer over `groups` when cfg.fused_optimizer and the method has one that applies
+    (spec.optimizer), else torch.optim.AdamW over them with the method's step hook (spec.attach)."""
+    adamw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    if cfg.fused_optimizer and spec.optimizer is not None:
+        fused = spec.optimizer(model, groups, **adamw)
+        if fused is not None:
+            return fused
+    optimizer = torch.optim.AdamW(groups, **adamw)
+    if spec.attach is not None:
+        spec.attach(optimizer, model)
+    return optimizer
+
+
+def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
+    return type(optimizer).__name__
+
+
 def prompt_ends(labels: torch.Tensor) -> torch.Tensor:
     """(B,) the position before each row's first trained label (the row's last position when none is)."""
     trained = labels != IGNORE
@@ -213,10 +236,7 @@ class Run:
         for name, p in params.items():
             if p.dtype != torch.float32:
                 raise TypeError(f"trainable parameter {name}: expected float32 (master weights), got {p.dtype}")
-        optimizer = torch.optim.AdamW(param_groups(params, cfg.lr, cfg.lr_multipliers), lr=cfg.lr,
-                                      betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-        if spec.attach is not None:
-            spec.attach(optimizer, model)
+        optimizer = build_optimizer(spec, model, param_groups(params, cfg.lr, cfg.lr_multipliers), cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
         loader = data_mod.Loader(train_samples, batch_size=cfg.batch_size, seed=cfg.seed, shuffle=True,
@@ -294,6 +314,8 @@ class Run:
         with torch.no_grad():
             for name, p in self.params.items():
                 dist_utils.copy_full_into(p, saved["trainable"][name])
+        if self.spec.after_load is not None:
+            self.spec.after_load(self.model)
         dist_utils.load_optimizer_state(self.model, self.optimizer, self.params, saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.loader.load_state_dict(saved["loader"])
@@ -329,7 +351,7 @@ class Run:
         if say:
             print(f"mmkernels train: {cfg.method} on {self.model.config.num_hidden_layers}-layer LLaMA "
                   f"(hidden {self.model.config.hidden_size}) on {self.device}, {self.dtype}; trainable "
-                  f"{n_train:,} of {n_all:,} ({100 * n_train / n_all:.3f}%)"
+                  f"{n_train:,} of {n_all:,} ({100 * n_train / n_all:.3f}%); optimizer {optimizer_name(self.optimizer)}"
                   + (f"; resumed at step {self.step}" if resumed else ""), flush=True)
         before = None if resumed else self.evaluate()
         if before is not None and say:
@@ -370,7 +392,7 @@ class Run:
                    "tokens_per_s": round(tokens_done / max(elapsed, 1e-9), 1),
                    "peak_mem_mb": round(peak_memory_mb(self.device), 1), "final_loss": loss,
                    "eval_before": before, "eval_after": after, "device": str(self.device),
-                   "world_size": self.dist.world_size,
+                   "world_size": self.dist.world_size, "optimizer": optimizer_name(self.optimizer),
                    "rank_max_diff": dist_utils.max_rank_difference(self.params, self.dist)}
         if say:
             self._log({"step": self.step, "eval": after, "summary": True})
@@ -397,7 +419,7 @@ def _progress(step: int, total: int, row: Dict[str, Any]) -> None:
 def print_summary(summary: Dict[str, Any], out_dir: str) -> None:
     print(f"trained {summary['steps']} steps in {summary['time_s']} s: final loss {summary['final_loss']:.4f}, "
           f"{summary['tokens_per_s']:,.0f} tokens/s, peak memory {summary['peak_mem_mb']:,.0f} MB, trainable "
-          f"{summary['trainable_params']:,} ({summary['trainable_pct']:.3f}%)")
+          f"{summary['trainable_params']:,} ({summary['trainable_pct']:.3f}%), optimizer {summary['optimizer']}")
     if summary["eval_before"] is not None:
         print(f"held-out accuracy: before {_fmt_acc(summary['eval_before'])}")
     if summary["eval_after"] is not None:
