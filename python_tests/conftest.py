@@ -31,3 +31,13 @@ def pytest_collection_modifyitems(config, items):
 def device():
     """The device kernels are tested on: the GPU when present, else CPU (Triton interpreter)."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def one_thread():
+    """For modules of tiny tensors (`pytestmark = pytest.mark.usefixtures("one_thread")`): intra-op threads
+    only add contention on a shared CPU (20x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -65,13 +65,7 @@ def gpu_tiles(monkeypatch):
     monkeypatch.setattr(_device, "sm_count", lambda device: SMS)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: intra-op threads only add contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def _spans(what: str, size: int, tile: int) -> None:

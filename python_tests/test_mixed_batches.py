@@ -6,23 +6,9 @@ import pytest
 import torch
 
 import mmkernels
-from mmkernels.train import method_specs, trainer
+from _multimodal import random_adapter_model
+from mmkernels.train import trainer
 from mmkernels.train.data import Batch
-
-
-def _model(method):
-    """The tiny LLaMA + tiny CLIP with `method` applied and every adapter parameter random (zero-init ones
-    included), so that every part of the method shows in the logits and the gradients."""
-    cpu = torch.device("cpu")
-    model, _ = trainer.build_model(None, None, 0, cpu, torch.float32)
-    vision = trainer.build_vision("tiny", 0, cpu, torch.float32)
-    spec = method_specs.get(method)
-    spec.apply(model, {}, vision)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in spec.trainable(model).values():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
-    return model, vision, spec
 
 
 def _batch(ids, images, has_image):
@@ -48,7 +34,7 @@ def test_text_only_sample_in_a_mixed_batch_trains_as_alone(method, backend):
 
 
 def _check_mixed_batch(method):
-    model, vision, spec = _model(method)
+    model, vision, spec = random_adapter_model(method)
     loss_module = trainer.LossModule(model, spec, vision, fused=False, chunk=None)
     params = spec.trainable(model)
     size = vision.clip.config.image_size

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from _multimodal import random_adapter_model
 from mmkernels.cli import main
 from mmkernels.models.generation import generate
 from mmkernels.train import inference, method_specs, trainer
@@ -81,17 +82,7 @@ def test_generate_with_adapter_and_image(tmp_path, capsys):
 
 
 def _multimodal_model(method):
-    """The tiny LLaMA + tiny CLIP with `method` applied and every adapter parameter random (zero-init ones
-    included), so each part of the method changes the tokens."""
-    cpu = torch.device("cpu")
-    model, _ = trainer.build_model(None, None, 0, cpu, torch.float32)
-    vision = trainer.build_vision("tiny", 0, cpu, torch.float32)
-    spec = method_specs.get(method)
-    spec.apply(model, {}, vision)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in spec.trainable(model).values():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    model, vision, spec = random_adapter_model(method)
     return model.eval(), vision, spec
 
 
