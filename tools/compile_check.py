@@ -22,6 +22,7 @@ kernels build for the GPU with the installed Triton, not that they are right (th
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import subprocess
@@ -83,17 +84,30 @@ _LOCAL_ACCESS = re.compile(r"\b(?:STL|LDL)(?:\.\w+)*\s")
 
 def resource_usage(cubin: bytes) -> Tuple[int, int, int]:
     """(registers per thread, stack bytes per thread, local-memory store and load instructions) of the one
-    kernel in a cubin, from cuobjdump (Triton's wheel carries it): its resource report and its SASS. A stack
-    frame without local accesses costs nothing; STL/LDL are registers spilled and reloaded."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        report = subprocess.run([_CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    found = re.search(r"REG:(\d+) STACK:(\d+)", report)
-    if found is None:
-        raise RuntimeError(f"compile_check: no resource usage in cuobjdump's report:\n{report}")
-    return int(found.group(1)), int(found.group(2)), len(_LOCAL_ACCESS.findall(sass))
+    kernel in a cubin, from cuobjdump (Triton's wheel carries it): its resource report and, when the kernel has
+    a stack frame or local memory at all, its SASS (about a second per kernel, so only then). A stack frame
+    without local accesses costs nothing; STL/LDL are registers spilled and reloaded."""
+    key = hashlib.sha1(cubin).hexdigest()
+    if key not in _USAGE:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            report = subprocess.run([_CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True,
+                                    check=True).stdout
+            found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", report)
+            if found is None:
+                raise RuntimeError(f"compile_check: no resource usage in cuobjdump's report:\n{report}")
+            registers, stack, local = (int(g) for g in found.groups())
+            spills = 0
+            if stack or local:
+                sass = subprocess.run([_CUOBJDUMP, "-sass", f.name], capture_output=True, text=True,
+                                      check=True).stdout
+                spills = len(_LOCAL_ACCESS.findall(sass))
+        _USAGE[key] = (registers, stack, spills)
+    return _USAGE[key]
+
+
+_USAGE: Dict[str, Tuple[int, int, int]] = {}
 
 
 def max_threads(registers: int, props: Dict[str, int]) -> int:
