@@ -123,6 +123,33 @@ def test_only_trainable_parameters_change_and_have_optimizer_state(tmp_path):
     assert state_params == {id(p) for p in run.params.values()}
 
 
+# -- gradient checkpointing ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["llama_adapter", "lavin", "hyperllava", "lora", "paca", "compacter"])
+def test_grad_checkpointing_changes_no_gradient(tmp_path, method):
+    """Recomputing every block in the backward gives the losses and gradients of the run that saves the
+    activations, for every method: LaVIN's routing weights and HyperLLaVA's guidance live outside the blocks'
+    arguments and are restored around the recomputation (Llama.recompute_contexts). The multimodal methods
+    train on the demo set (batches mixing image and text-only samples), the others on instructions."""
+    kw = dict(max_grad_norm=0.0, method=method)
+    if method == "llama_adapter":
+        kw["method_options"] = {"gate_init": 0.5}
+    if method not in ("llama_adapter", "lavin", "hyperllava"):
+        rows = [{"instruction": f"Say {w}.", "output": w} for w in ("yes", "no", "maybe", "never")] * 4
+        (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        kw.update(vision=None, data=str(tmp_path / "d.jsonl"), data_format="instruction")
+    runs = []
+    for recompute in (False, True):
+        run = trainer.Run.build(_cfg(tmp_path / str(recompute), grad_checkpointing=recompute, **kw))
+        assert run.model.gradient_checkpointing is recompute
+        losses = [run.train_step()["loss"] for _ in range(2)]
+        runs.append((losses, {n: p.grad.clone() for n, p in run.params.items()}))
+    (ref_losses, ref), (losses, grads) = runs
+    assert losses == ref_losses
+    assert any(g.abs().max() > 0 for g in ref.values())
+    for name, g in ref.items():
+        torch.testing.assert_close(grads[name], g, rtol=0, atol=0, msg=name)
+
+
 # -- checkpoints and resume ---------------------------------------------------------------------------------------
 def test_resume_in_process_continues_exactly(tmp_path):
     full = trainer.Run.build(_cfg(tmp_path / "a", max_steps=6))

@@ -135,6 +135,22 @@ class _ForwardState:
         self.cache = None
         self.reuse = False
 
+    @contextlib.contextmanager
+    def restored(self, saved: Tuple[Any, ...]) -> Iterator[None]:
+        now = (self.position, self.guidance, self.cache, self.reuse)
+        self.position, self.guidance, self.cache, self.reuse = saved
+        try:
+            yield
+        finally:
+            self.position, self.guidance, self.cache, self.reuse = now
+
+
+def _recompute_state(model: Llama):
+    """Llama.recompute_contexts entry: an expert block recomputed in the backward (gradient checkpointing) finds
+    the guidance of its forward, which the model's forward hook has dropped since."""
+    state = model.hyperllava_state
+    return state.restored((state.position, state.guidance, state.cache, state.reuse))
+
 
 _BLOCK_SIGNATURE: Dict[type, inspect.Signature] = {}
 
@@ -161,6 +177,7 @@ def _pick(hidden: torch.Tensor, position: Optional[Union[int, torch.Tensor]]) ->
 def _install(model: Llama, cfg: HyperLLaVAConfig, guidance_layer: int, expert_layers: Tuple[int, ...]) -> None:
     state = _ForwardState()
     model.hyperllava_state = state
+    model.recompute_contexts.append(_recompute_state)
 
     def reset(*_):
         state.reset()

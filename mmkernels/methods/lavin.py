@@ -146,16 +146,28 @@ class MoMAttention(nn.Module):
                          segment_ids)
 
 
+def _wrappers(model: Llama) -> List[MoMAttention]:
+    return [b.self_attn for b in model.layers if isinstance(b.self_attn, MoMAttention)]
+
+
 @contextlib.contextmanager
-def _routing(model: Llama, routing: _Routing) -> Iterator[_Routing]:
-    wrappers = [b.self_attn for b in model.layers if isinstance(b.self_attn, MoMAttention)]
+def _routing(model: Llama, routing: Optional[_Routing]) -> Iterator[Optional[_Routing]]:
+    wrappers = _wrappers(model)
+    before = [w.routing for w in wrappers]
     for w in wrappers:
         w.routing = routing
     try:
         yield routing
     finally:
-        for w in wrappers:
-            w.routing = None
+        for w, r in zip(wrappers, before):
+            w.routing = r
+
+
+def _recompute_routing(model: Llama):
+    """Llama.recompute_contexts entry: a block recomputed in the backward (gradient checkpointing) routes with
+    the weights its forward used, after lavin.forward / routed have returned."""
+    wrappers = _wrappers(model)
+    return _routing(model, wrappers[0].routing) if wrappers else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -269,6 +281,7 @@ def apply(model: Llama, cfg: LaVINConfig, vision: Optional[nn.Module] = None) ->
             raise TypeError(f"model: expected plain Attention modules, got {type(block.self_attn).__name__}")
         block.self_attn = MoMAttention(block.self_attn, cfg.adapter(d, device))
     model.modality_embedding = nn.Embedding(2, d, device=device)
+    model.recompute_contexts.append(_recompute_routing)
     if clip is not None:
         clip_device = next(clip.parameters()).device
         model.lavin_vision = LaVINVisionEncoder(clip, cfg, clip_device)

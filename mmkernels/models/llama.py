@@ -7,7 +7,8 @@ the residual add fused into it: the residual stream h is carried from one norm t
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import contextlib
+from typing import Callable, ContextManager, List, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -108,6 +109,11 @@ class Llama(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
+        # Functions f(model) -> context manager, for methods that keep per-forward state outside the blocks'
+        # arguments (LaVIN's routing weights, HyperLLaVA's guidance). With gradient checkpointing each is called
+        # as a block's forward is checkpointed, and what it returns is entered around that block's
+        # recomputation in the backward: the state the forward saw is there again.
+        self.recompute_contexts: List[Callable[["Llama"], ContextManager]] = []
         # Not a buffer: model.to(bfloat16) must not round the rotary frequencies.
         with torch.device("cpu"):  # also when the model is built on the meta device for loading
             self._inv_freq = ops.rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
@@ -175,13 +181,26 @@ class Llama(nn.Module):
         for block in self.layers:
             if recompute:
                 x, residual = checkpoint(block, x, residual, cos, sin, None, kv_start, visual_prompts, segment_ids,
-                                         use_reentrant=False)
+                                         use_reentrant=False, context_fn=self._checkpoint_contexts)
             else:
                 x, residual = block(x, residual, cos, sin, kv_cache, kv_start, visual_prompts, segment_ids)
         if kv_cache is not None:
             kv_cache.advance(seq)
         x, _ = self.norm(x, residual)
         return x if hidden_only else self.lm_head(x).float()
+
+    def _checkpoint_contexts(self):
+        """checkpoint's context_fn: nothing around the forward; the methods' saved state around the recompute."""
+        restores = [make(self) for make in self.recompute_contexts]
+
+        @contextlib.contextmanager
+        def recompute():
+            with contextlib.ExitStack() as stack:
+                for ctx in restores:
+                    stack.enter_context(ctx)
+                yield
+
+        return contextlib.nullcontext(), recompute()
 
     def _apply(self, fn, recurse=True):
         # .to(device) / .cuda() move the rotary frequencies too; dtype casts leave them in float32.
