@@ -87,7 +87,7 @@ setup(
         "train": ["transformers>=4.46", "pillow", "pyyaml"],
         "bench": ["triton>=3.1", "matplotlib", "transformers>=4.46", "peft"],
     },
-    entry_points={"console_scripts": ["mmkernels=mmkernels.cli:main"]},
+    entry_points={"console_scripts": ["mmkernels=mmkernels.cli:console"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

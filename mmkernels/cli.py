@@ -199,5 +199,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     return int(args.func(args) or 0)
 
 
+# What bad input raises (a config key, a path, a shape, a data line): the command reports it in one line.
+INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def console(argv: Optional[List[str]] = None) -> int:
+    """The `mmkernels` command: main(), with an input error printed as one line `mmkernels CMD: error: ...` and
+    exit status 2 instead of a traceback (MMK_TRACEBACK=1 shows the traceback). main() itself raises, for
+    callers and tests."""
+    try:
+        return main(argv)
+    except INPUT_ERRORS as e:
+        if os.environ.get("MMK_TRACEBACK", "0") == "1":
+            raise
+        args = sys.argv[1:] if argv is None else argv
+        prog = " ".join(["mmkernels", *[a for a in args[:1] if not a.startswith("-")]])
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        print("(MMK_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

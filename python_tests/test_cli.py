@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import subprocess
 import sys
@@ -44,6 +45,18 @@ def test_generate_reads_prompts_from_stdin_and_is_deterministic():
 def test_generate_bad_arguments(flag, value, message):
     res = _run("generate", flag, value)
     assert res.returncode != 0 and message in res.stderr
+
+
+def test_input_error_is_one_line_without_traceback(tmp_path):
+    """The command reports bad input in one line with exit status 2; MMK_TRACEBACK=1 shows the traceback."""
+    missing = tmp_path / "none.jsonl"
+    res = _run("train", "--data", str(missing), "--data-format", "instruction")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "mmkernels train: error: " in res.stderr and str(missing) in res.stderr
+    env = {**os.environ, "MMK_TRACEBACK": "1"}
+    res = subprocess.run([sys.executable, "-m", "mmkernels.cli", "train", "--data", str(missing)], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert res.returncode == 1 and "Traceback" in res.stderr and str(missing) in res.stderr
 
 
 def test_bench_unknown_op():

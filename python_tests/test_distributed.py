@@ -84,3 +84,23 @@ def test_fsdp_trains_every_method_like_one_process(tmp_path, instructions, metho
         torch.testing.assert_close(got[name], t, rtol=2e-5, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
         moved += int(t.abs().sum() > 0)
     assert moved > 0  # the runs trained something
+
+
+def test_compacter_rule_leaves_every_block_its_own_fsdp_group():
+    """The shared phm rule is held by the model alone, so FSDP2 shards each block on its own; a rule held by
+    the adapters themselves (PHMAdapter given the nn.Parameter) would put every block in the root group."""
+    from mmkernels.methods import compacter as cp
+    from mmkernels.models.config import LlamaConfig
+    from mmkernels.models.llama import Llama
+    from mmkernels.nn.phm_adapter import PHMAdapter, new_phm_rule
+    from mmkernels.train.distributed import shares_parameters_across_blocks
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = cp.apply(Llama(cfg), cp.CompacterConfig(reduction=8))
+    assert not shares_parameters_across_blocks(model, list(model.layers))
+    rule = new_phm_rule(4)
+    for block in model.layers:
+        block.mlp.compacter = PHMAdapter(64, 8, 4, phm_rule=rule)
+    assert shares_parameters_across_blocks(model, list(model.layers))
+

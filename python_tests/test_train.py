@@ -150,6 +150,21 @@ def test_grad_checkpointing_changes_no_gradient(tmp_path, method):
         torch.testing.assert_close(grads[name], g, rtol=0, atol=0, msg=name)
 
 
+def test_master_weights_keep_a_shared_parameter_shared():
+    """A trainable 16-bit parameter held by two modules gets one float32 master, not one per holder."""
+    from torch import nn
+
+    shared = nn.Parameter(torch.randn(4, dtype=torch.bfloat16))
+    a, b = nn.Module(), nn.Module()
+    a.w = b.w = shared
+    root = nn.ModuleDict({"a": a, "b": b})
+    root.frozen = nn.Parameter(torch.randn(3, dtype=torch.bfloat16), requires_grad=False)
+    trainer.master_weights(root)
+    assert a.w is b.w and a.w.dtype == torch.float32 and torch.equal(a.w, shared.float())
+    assert root.frozen.dtype == torch.bfloat16
+    assert len(list(root.parameters())) == 2
+
+
 # -- checkpoints and resume ---------------------------------------------------------------------------------------
 def test_resume_in_process_continues_exactly(tmp_path):
     full = trainer.Run.build(_cfg(tmp_path / "a", max_steps=6))

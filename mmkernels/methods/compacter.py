@@ -4,7 +4,8 @@ A bottleneck adapter Ad(v) = v + PHM_up(gelu(PHM_down(v))) (nn.PHMAdapter, one f
 and after the MLP of every block ("compacter", Houlsby placement) or after the MLP only ("compacterpp"). The
 phm rule (n, n, n) is one parameter shared by every adapter of the model (down and up layers alike) when
 shared_phm_rule is set, as in the paper and the `adapters` library; the fast weights s, t and the biases are
-per layer.
+per layer. The shared rule is a parameter of the model itself (compacter_phm_rule), which each adapter reads
+at its forward; no block holds it, so FSDP2 shards every block on its own.
 
     apply(model, CompacterConfig(variant="compacterpp", reduction=32))
     count_parameters(model)          # {"phm_rule": ..., "layers": ..., "total": ...}
@@ -146,11 +147,13 @@ def apply(model: Llama, cfg: CompacterConfig) -> Llama:
     rule = None
     if cfg.shared_phm_rule:
         rule = new_phm_rule(cfg.n, SHARED_RULE_STD, generator=gen, **factory)
-        setattr(model, RULE_NAME, rule)  # first in named_parameters: saved once, under this name
+        # Held by the model alone, read by every adapter at its forward (PHMAdapter's (module, name) form).
+        setattr(model, RULE_NAME, rule)
     for block in model.layers:
         for name in VARIANTS[cfg.variant]:
             owner = getattr(block, name)
-            adapter = PHMAdapter(hidden, cfg.reduction, cfg.n, cfg.rank, phm_rule=rule, init=cfg.init,
+            shared = None if rule is None else (model, RULE_NAME)
+            adapter = PHMAdapter(hidden, cfg.reduction, cfg.n, cfg.rank, phm_rule=shared, init=cfg.init,
                                  generator=gen, **factory)
             setattr(owner, MODULE_NAME, adapter)
             if cfg.input == "sublayer":

@@ -12,6 +12,12 @@ transfer 1:1 (ADAPTERS_NAMES):
     the down and up layers of every adapter) when `phm_rule` is given; otherwise the module owns
     phm_rule_down / phm_rule_up (the library's adapter_down.0.phm_rule / adapter_up.phm_rule).
 
+A shared rule is given either as an nn.Parameter, registered in every adapter that shares it (one object
+under several names), or as (module, name): a parameter that a parent holds as `module.name`, read at each
+forward and registered nowhere else. The second keeps the rule in one place, which FSDP2 needs to shard each
+block on its own (a parameter belongs to one group) and which a cast of the parent's parameters cannot
+split into copies (methods/compacter.py uses it).
+
 Initialisation (init="adapters"), as the library does it in effect: s_i and t_i xavier-normal per i (the
 library's config says "glorot-uniform", but its init_W tests the option's truthiness first, so every
 non-empty value draws Glorot-normal), biases zero, an own phm rule N(0, 0.01^2), a shared rule (made by
@@ -22,7 +28,7 @@ learns (t_up's gradient u_up^T dy is non-zero, as LoRA's zero B).
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -48,8 +54,9 @@ def new_phm_rule(n: int, std: float = SHARED_RULE_STD, device=None, dtype=None,
 
 
 class PHMAdapter(nn.Module):
-    def __init__(self, d: int, reduction: int = 32, n: int = 4, rank: int = 1, phm_rule: Optional[nn.Parameter] = None,
-                 init: str = "adapters", device=None, dtype=None, generator: Optional[torch.Generator] = None) -> None:
+    def __init__(self, d: int, reduction: int = 32, n: int = 4, rank: int = 1,
+                 phm_rule: Union[None, nn.Parameter, Tuple[nn.Module, str]] = None, init: str = "adapters",
+                 device=None, dtype=None, generator: Optional[torch.Generator] = None) -> None:
         super().__init__()
         for name, value in (("d", d), ("reduction", reduction), ("n", n), ("rank", rank)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -81,12 +88,22 @@ class PHMAdapter(nn.Module):
             with torch.no_grad():
                 self.t_up.zero_()
         self.shared_rule = phm_rule is not None
+        self._rule_holder: Optional[Tuple[nn.Module, str]] = None  # (parent, name) of a rule read at each forward
         if self.shared_rule:
-            if not isinstance(phm_rule, nn.Parameter):
-                raise TypeError(f"phm_rule: expected an nn.Parameter (shared by the adapters), got {type(phm_rule).__name__}")
-            if tuple(phm_rule.shape) != (n, n, n):
-                raise ValueError(f"phm_rule: expected shape ({n}, {n}, {n}), got {tuple(phm_rule.shape)}")
-            self.phm_rule = phm_rule
+            if isinstance(phm_rule, tuple):
+                holder, name = phm_rule if len(phm_rule) == 2 else (None, None)
+                if not isinstance(holder, nn.Module) or not isinstance(getattr(holder, str(name), None), nn.Parameter):
+                    raise TypeError(f"phm_rule: expected (module, name) naming an nn.Parameter of the module, got "
+                                    f"{phm_rule!r}")
+                self._rule_holder = (holder, name)
+                rule = getattr(holder, name)
+            elif isinstance(phm_rule, nn.Parameter):
+                self.phm_rule = rule = phm_rule
+            else:
+                raise TypeError(f"phm_rule: expected an nn.Parameter (shared by the adapters) or (module, name), got "
+                                f"{type(phm_rule).__name__}")
+            if tuple(rule.shape) != (n, n, n):
+                raise ValueError(f"phm_rule: expected shape ({n}, {n}, {n}), got {tuple(rule.shape)}")
         else:
             self.phm_rule_down = new_phm_rule(n, OWN_RULE_STD, generator=generator, **factory)
             self.phm_rule_up = new_phm_rule(n, OWN_RULE_STD, generator=generator, **factory)
@@ -94,6 +111,9 @@ class PHMAdapter(nn.Module):
     @property
     def rules(self):
         """(rule of the down layer, rule of the up layer): one tensor twice when shared."""
+        if self._rule_holder is not None:
+            rule = getattr(*self._rule_holder)
+            return rule, rule
         if self.shared_rule:
             return self.phm_rule, self.phm_rule
         return self.phm_rule_down, self.phm_rule_up
@@ -121,10 +141,11 @@ class PHMAdapter(nn.Module):
         if self.shared_rule:
             if phm_rule is None:
                 raise ValueError("phm_rule: this adapter shares its rule; give the library's shared phm_rule")
-            if tuple(phm_rule.shape) != tuple(self.phm_rule.shape):
-                raise ValueError(f"phm_rule: expected shape {tuple(self.phm_rule.shape)}, got {tuple(phm_rule.shape)}")
-            self.phm_rule.copy_(phm_rule)
+            rule = self.rules[0]
+            if tuple(phm_rule.shape) != tuple(rule.shape):
+                raise ValueError(f"phm_rule: expected shape {tuple(rule.shape)}, got {tuple(phm_rule.shape)}")
+            rule.copy_(phm_rule)
 
     def extra_repr(self) -> str:
         return (f"d={self.d}, k={self.k}, n={self.n}, rank={self.rank}, "
-                f"phm_rule={'shared' if self.shared_rule else 'own'}")
+                f"phm_rule={'own' if not self.shared_rule else 'shared' if self._rule_holder is None else 'parent'}")

@@ -21,7 +21,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -132,10 +132,13 @@ class LossModule(nn.Module):
 def master_weights(model: nn.Module) -> None:
     """Trainable parameters in float32 (AdamW's master weights) on a 16-bit base: a method may unlock weights of
     the base's dtype (LLaMA-Adapter V2's norms); the ops take float32 weights with 16-bit activations."""
+    masters: Dict[int, Tuple[nn.Parameter, nn.Parameter]] = {}  # id -> (16-bit parameter, its master)
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if p is not None and p.requires_grad and p.dtype != torch.float32:
-                setattr(module, name, nn.Parameter(p.detach().float()))
+                if id(p) not in masters:  # a parameter held by several modules keeps one master
+                    masters[id(p)] = (p, nn.Parameter(p.detach().float()))
+                setattr(module, name, masters[id(p)][1])
 
 
 def param_groups(params: Dict[str, nn.Parameter], lr: float, multipliers: Dict[str, float]) -> List[Dict[str, Any]]:
