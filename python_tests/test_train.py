@@ -123,6 +123,13 @@ def test_only_trainable_parameters_change_and_have_optimizer_state(tmp_path):
     assert state_params == {id(p) for p in run.params.values()}
 
 
+def _instructions(tmp_path):
+    """Options for a text-only run on a small instruction file."""
+    rows = [{"instruction": f"Say {w}.", "output": w} for w in ("yes", "no", "maybe", "never")] * 4
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return dict(vision=None, data=str(tmp_path / "d.jsonl"), data_format="instruction")
+
+
 # -- gradient checkpointing ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["llama_adapter", "lavin", "hyperllava", "lora", "paca", "compacter"])
 def test_grad_checkpointing_changes_no_gradient(tmp_path, method):
@@ -134,9 +141,7 @@ def test_grad_checkpointing_changes_no_gradient(tmp_path, method):
     if method == "llama_adapter":
         kw["method_options"] = {"gate_init": 0.5}
     if method not in ("llama_adapter", "lavin", "hyperllava"):
-        rows = [{"instruction": f"Say {w}.", "output": w} for w in ("yes", "no", "maybe", "never")] * 4
-        (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-        kw.update(vision=None, data=str(tmp_path / "d.jsonl"), data_format="instruction")
+        kw.update(_instructions(tmp_path))
     runs = []
     for recompute in (False, True):
         run = trainer.Run.build(_cfg(tmp_path / str(recompute), grad_checkpointing=recompute, **kw))
@@ -163,6 +168,18 @@ def test_master_weights_keep_a_shared_parameter_shared():
     assert a.w is b.w and a.w.dtype == torch.float32 and torch.equal(a.w, shared.float())
     assert root.frozen.dtype == torch.bfloat16
     assert len(list(root.parameters())) == 2
+
+
+def test_bf16_compacter_trains_one_shared_rule(tmp_path):
+    """On a 16-bit base the float32 masters keep Compacter's one shared rule (it was once split into a copy per
+    adapter, the model's own rule then unused and the saved adapter not loadable)."""
+    from mmkernels.methods import compacter as cp
+
+    run = trainer.Run.build(_cfg(tmp_path, method="compacter", dtype="bfloat16", **_instructions(tmp_path)))
+    assert [n for n in run.params if "phm_rule" in n] == [cp.RULE_NAME]
+    assert sum(p.numel() for p in run.params.values()) == cp.count_parameters(run.model)["total"]
+    run.train_step()
+    assert all(a.rules[0] is run.params[cp.RULE_NAME] for a in run.model.modules() if isinstance(a, cp.PHMAdapter))
 
 
 # -- checkpoints and resume ---------------------------------------------------------------------------------------
