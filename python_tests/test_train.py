@@ -183,15 +183,21 @@ def test_bf16_compacter_trains_one_shared_rule(tmp_path):
 
 
 # -- checkpoints and resume ---------------------------------------------------------------------------------------
-def test_resume_in_process_continues_exactly(tmp_path):
-    full = trainer.Run.build(_cfg(tmp_path / "a", max_steps=6))
+@pytest.mark.parametrize("method", ["llama_adapter", "lavin", "hyperllava", "lora", "paca", "compacter"])
+def test_resume_in_process_continues_exactly(tmp_path, method):
+    """Every method resumes on the uninterrupted run's loss curve (what a forward derives from the trainable
+    tensors, e.g. PaCA's W_eff columns, is rebuilt from the checkpoint)."""
+    kw = dict(method=method, max_steps=6)
+    if method not in ("llama_adapter", "lavin", "hyperllava"):
+        kw.update(_instructions(tmp_path))
+    full = trainer.Run.build(_cfg(tmp_path / "a", **kw))
     full.train()
     a = [json.loads(l) for l in open(tmp_path / "a/run/metrics.jsonl")]
-    part = trainer.Run.build(_cfg(tmp_path / "b", max_steps=6, save_every=3))
+    part = trainer.Run.build(_cfg(tmp_path / "b", save_every=3, **kw))
     for _ in range(3):
         part.history.append({"step": part.step + 1, "loss": part.train_step()["loss"]})
     part.save_checkpoint()
-    resumed = trainer.Run.build(_cfg(tmp_path / "b", max_steps=6, save_every=3, resume=True))
+    resumed = trainer.Run.build(_cfg(tmp_path / "b", save_every=3, resume=True, **kw))
     assert resumed.resume() and resumed.step == 3
     losses = [resumed.train_step()["loss"] for _ in range(3)]
     expected = [r["loss"] for r in a if "loss" in r][3:6]
