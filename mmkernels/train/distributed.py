@@ -51,8 +51,11 @@ def init(mode: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), mode, device)
 
 
-def wrap(module: nn.Module, info: DistInfo, per_block: bool = True) -> nn.Module:
+def wrap(module: nn.Module, info: DistInfo, per_block: bool = True, some_unused: bool = False) -> nn.Module:
     """The module the trainer calls: `module` itself, its DDP wrapper, or `module` sharded in place.
+
+    some_unused: a step may leave some trainable parameters without a gradient on every process (a multimodal
+    method's visual path when no sample of the global batch has an image); DDP then looks for them each step.
 
     FSDP2: each block of module.model is a group, then the root. Every block stays in the root group instead
     (the parameters sharded between steps, whole for all of the forward and backward) when per_block is False
@@ -64,7 +67,7 @@ def wrap(module: nn.Module, info: DistInfo, per_block: bool = True) -> nn.Module
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [info.device.index] if info.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids)
+        return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=some_unused)
     from torch.distributed.fsdp import fully_shard
 
     if per_block and not shares_parameters_across_blocks(module, list(module.model.layers)):

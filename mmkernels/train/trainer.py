@@ -231,7 +231,8 @@ class Run:
         if vision is None and any(s.image is not None for s in train_samples):
             raise ValueError("data: the samples have images but no vision tower is configured (set `vision`)")
         loss_module = LossModule(model, spec, vision, cfg.fused_loss, cfg.loss_chunk)
-        module = dist_utils.wrap(loss_module, dist, per_block=spec.fsdp_per_block)
+        module = dist_utils.wrap(loss_module, dist, per_block=spec.fsdp_per_block,
+                                 some_unused=spec.multimodal and vision is not None)
         # After wrapping: FSDP2 replaces the parameters by sharded ones.
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not params:
@@ -268,9 +269,30 @@ class Run:
             return torch.autocast("cuda", dtype=self.dtype)
         return torch.autocast("cpu", enabled=False)
 
+    def _with_visual_path(self, batches: List[Any]) -> List[Any]:
+        """Processes must agree on which parameters have gradients: FSDP2 reduces only those that have one, so
+        a process whose samples are all text-only while another's have images would call a different
+        collective. Such a process gives its last micro-batch placeholder images (zeros, has_image False):
+        the methods run text-only samples of a mixed batch exactly as alone (their visual positions hidden or
+        gated off, tested), so nothing changes but the visual path's gradients, which become exact zeros.
+        When no process has an image, none runs the visual path (its gradients stay None everywhere, as in
+        one process, and DDP finds them unused)."""
+        if self.dist.world_size == 1 or self.vision is None or not self.spec.multimodal:
+            return batches
+        local = int(any(b.images is not None for b in batches))
+        anywhere = dist_utils.all_reduce_sum(local, self.dist)  # a collective: every process calls it
+        if local or not anywhere:
+            return batches
+        last = batches[-1]
+        if last.segment_ids is not None:  # packing takes text-only samples, so no process can have images
+            raise RuntimeError("train: a packed batch on one process while another has images")
+        size = image_size(self.vision)
+        images = torch.zeros(last.input_ids.shape[0], 3, size, size, device=last.input_ids.device)
+        return [*batches[:-1], last._replace(images=images)]
+
     def train_step(self) -> Dict[str, float]:
         cfg = self.cfg
-        batches = [self._next_batch() for _ in range(cfg.grad_accum)]
+        batches = self._with_visual_path([self._next_batch() for _ in range(cfg.grad_accum)])
         local_tokens = sum(int((b.labels[:, 1:] != IGNORE).sum()) for b in batches)
         global_tokens = dist_utils.all_reduce_sum(local_tokens, self.dist)
         total = 0.0
