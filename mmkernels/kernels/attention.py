@@ -480,8 +480,8 @@ def _bwd_configs(head_dim: int, device: torch.device) -> Tuple[BwdConfig, BwdCon
     environment variable MMK_ATTN_BWD_TILES ('m,n,warps,stages/m,n,warps,stages', see parse_bwd_tiles)
     replaces them, so that a benchmark can compare tiles on the GPU.
     """
-    block_m, block_n, warps, stages = _config(head_dim, device)
-    if not _device.compiled(device):
+    if not _device.compiled(device):  # the interpreter's small tiles (see _config)
+        block_m, block_n, warps, stages = _config(head_dim, device)
         return BwdConfig(block_m, block_n, warps, stages), BwdConfig(block_n, block_m, warps, stages)
     override = os.environ.get(BWD_TILES_ENV)
     if override:

@@ -65,10 +65,12 @@ def load(model: nn.Module, path: str, method: str, config_cls, config_attr: str,
          apply: Callable[[nn.Module, Any], Any], parameters: Callable[[nn.Module], Dict[str, nn.Parameter]],
          check: Optional[Callable[[nn.Module, Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = None):
     """A method's load_adapter: apply the saved config to a base model (or check that the config already
-    applied, model.<config_attr>, equals it), then load the weights strictly. `check(model, tensors)` may
-    validate and remove saved tensors that are not parameters (returning the rest)."""
+    applied, model.<config_attr>, equals it), then load the weights strictly. The config is built by
+    config_cls.from_saved_dict where the class has one (a saved file may predate an option), else by
+    config_cls.from_dict. `check(model, tensors)` may validate and remove saved tensors that are not
+    parameters (returning the rest)."""
     raw, tensors = read(path, method)
-    cfg = config_cls.from_dict(raw)
+    cfg = getattr(config_cls, "from_saved_dict", config_cls.from_dict)(raw)
     current = getattr(model, config_attr, None)
     if current is None:
         apply(model, cfg)

@@ -28,8 +28,8 @@ s + A(s) in one op, which differs from the library's order of additions by round
 
 Placement, by forward hooks (the base parameters keep their names, models/llama.py is unchanged):
 "sublayer" hooks block.self_attn / block.mlp, which return o before the residual add. "stream" hooks the
-block, which returns (o, r) for the next fused add + norm (models/llama.py), and returns (Ad(o + r), 0): the
-next block's (or the final norm's) add then gives Ad(s) exactly. The adapter module is block.mlp.compacter in
+block, which returns (o, r) for the next fused add + norm (models/llama.py), and returns (Ad(o + r), None): the
+next block (or the final norm) then reads Ad(s) as the whole stream. The adapter module is block.mlp.compacter in
 every case, so the saved parameter names do not depend on `input`.
 
 Adapters saved before `input` existed have no "input" key in adapter_config.json, and both variants then
@@ -43,7 +43,6 @@ There is no merge(): the GELU between the two PHM layers keeps the adapter from 
 from __future__ import annotations
 
 import dataclasses
-import types
 from typing import Any, Dict, Optional
 
 import torch
@@ -121,10 +120,9 @@ def _adapt_output(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor
 
 def _adapt_stream(block: nn.Module, args, output):
     x, residual = output  # the MLP's output and the stream before its add
-    stream = x + residual
-    # A zero residual: the next fused add + norm (or the final norm, which needs a residual) passes Ad(s) on unchanged.
-    y = getattr(block.mlp, MODULE_NAME)(stream)
-    return y, torch.zeros_like(y)
+    # No residual: the next block's norm (or the final norm) takes Ad(s) as the whole stream, as the first
+    # block takes the embeddings.
+    return getattr(block.mlp, MODULE_NAME)(x + residual), None
 
 
 def apply(model: Llama, cfg: CompacterConfig) -> Llama:
@@ -188,5 +186,4 @@ def save_adapter(model: Llama, path: str) -> None:
 def load_adapter(model: Llama, path: str) -> Llama:
     """Apply the saved config to a base model (or check it matches the one applied) and load the weights; a
     config saved without "input" gets input="sublayer" (CompacterConfig.from_saved_dict)."""
-    saved = types.SimpleNamespace(from_dict=CompacterConfig.from_saved_dict)  # what _adapter_io.load calls
-    return _adapter_io.load(model, path, "compacter", saved, "compacter_config", apply, adapter_parameters)
+    return _adapter_io.load(model, path, "compacter", CompacterConfig, "compacter_config", apply, adapter_parameters)

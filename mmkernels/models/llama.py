@@ -87,8 +87,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, residual, cos, sin, kv_cache, kv_start, visual_prompts=None, segment_ids=None):
-        """x: the previous sublayer's output (not yet added); residual: the stream before it (or None).
-        Returns this block's MLP output and the stream before it, for the next fused add + norm."""
+        """x: the previous sublayer's output (not yet added); residual: the stream before it, or None when x is
+        the whole stream (the embeddings; a method's hook may return it too). Returns this block's MLP output
+        and the stream before it, for the next fused add + norm."""
         if residual is None:
             h, normed = x, self.input_layernorm(x)
         else:
@@ -186,7 +187,7 @@ class Llama(nn.Module):
                 x, residual = block(x, residual, cos, sin, kv_cache, kv_start, visual_prompts, segment_ids)
         if kv_cache is not None:
             kv_cache.advance(seq)
-        x, _ = self.norm(x, residual)
+        x = self.norm(x) if residual is None else self.norm(x, residual)[0]
         return x if hidden_only else self.lm_head(x).float()
 
     def _checkpoint_contexts(self):
