@@ -65,14 +65,16 @@ def instructions(tmp_path_factory):
     return str(path)
 
 
-# PaCA writes W_eff's columns into row shards; LaVIN's routing pass and Compacter's rule shared by every block
-# keep all blocks in the root group; HyperLLaVA's guidance crosses blocks.
+# PaCA writes W_eff's columns into row shards; LaVIN trains in one pass (its routing pass would run each block
+# twice); Compacter's shared rule is held by the model alone; HyperLLaVA's guidance crosses blocks. Every method
+# shards each block on its own.
 @pytest.mark.parametrize("method", ["paca", "lavin", "compacter", "hyperllava"])
 def test_fsdp_trains_every_method_like_one_process(tmp_path, instructions, method):
     text = ["--data", instructions, "--data-format", "instruction", "--method", method, "--max-len", "192", *STEPS]
-    ref, _ = _train(tmp_path / "one", "--batch-size", "8", common=text)
+    ref, ref_summary = _train(tmp_path / "one", "--batch-size", "8", common=text)
     got, summary = _train(tmp_path / "two", "--batch-size", "4", "--distributed", "fsdp", nproc=2, common=text)
     assert summary["world_size"] == 2 and summary["rank_max_diff"] == 0.0
+    assert summary["fsdp_block_groups"] == 2 and ref_summary["fsdp_block_groups"] == 0  # the tiny model's 2 blocks
     assert sorted(got) == sorted(ref)
     moved = 0
     for name, t in ref.items():

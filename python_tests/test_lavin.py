@@ -139,6 +139,50 @@ def test_routing_pass_equals_literal_modality_token():
     assert want_g["layers.1.self_attn.adapter.router.weight"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("rows", ["plain", "packed", "hidden_prefix"])
+def test_one_pass_equals_the_routing_pass(backend, rows):
+    """The trainer's one-pass forward (each row's modality token appended in a segment of its own, routed by
+    the last position) gives the routing pass's logits and gradients: on plain rows, on packed rows (segment
+    ids, positions restarting per sample) and on rows whose visual prefix is hidden (kv_start + positions,
+    the text-only samples of a mixed batch)."""
+    model = build()
+    ids = torch.randint(0, TINY["vocab_size"], (3, 6), generator=torch.Generator().manual_seed(2))
+    modality = torch.tensor([1, 0, 1])
+    extra = {}
+    if rows == "packed":
+        extra["segment_ids"] = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]] * 3)
+    elif rows == "hidden_prefix":
+        extra["kv_start"] = torch.tensor([0, 2, 0], dtype=torch.int32)
+        extra["positions"] = (torch.arange(8)[None] - extra["kv_start"][:, None].long()).clamp_min(0)
+    grads_out = torch.randn(3, 2 + 6, TINY["vocab_size"], generator=torch.Generator().manual_seed(3))
+    params = lavin.adapter_parameters(model)
+    results = []
+    for one_pass in (False, True):
+        for p in params.values():
+            p.grad = None
+        with mmkernels.use_backend(backend):
+            embeds = torch.cat([lavin.encode_images(model, images(3)), model.embed_tokens(ids)], 1)
+            if one_pass:
+                kw = lavin.append_modality_token(model, embeds, modality, positions=extra.get("positions"),
+                                                 segment_ids=extra.get("segment_ids"))
+                assert kw["inputs_embeds"].shape[1] == 9 and kw["segment_ids"][:, -1].tolist() == [
+                    1 + int(rows == "packed")] * 3
+                with lavin.routed_by_token(model):
+                    logits = model(**{**extra, **kw})[:, :-1]
+            else:
+                with lavin.routed(model, modality):
+                    logits = model(inputs_embeds=embeds, **extra)
+            (logits * grads_out).sum().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in params.items()}))
+    (want, want_g), (got, got_g) = results
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name in want_g:
+        scale = want_g[name].abs().max().item() + 1e-3
+        torch.testing.assert_close(got_g[name] / scale, want_g[name] / scale, rtol=1e-5, atol=1e-5, msg=name)
+    assert want_g["modality_embedding.weight"].abs().sum() > 0
+
+
 def test_cached_greedy_decode_equals_recomputation():
     model = build(seed=4)
     ids = torch.randint(0, TINY["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(5))

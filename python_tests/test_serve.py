@@ -97,7 +97,7 @@ def _greedy_through_training_forward(spec, model, vision, prompt, pixels, steps)
         inputs = spec.inputs(model, vision, batch, torch.tensor([len(prompt) - 1]))
         with torch.no_grad(), inputs.context():
             logits = model(**inputs.kwargs)
-        out.append(int(logits[0, -1].argmax()))
+        out.append(int(logits[0, -1 - inputs.suffix].argmax()))  # the last text position
         seq.append(out[-1])
     return out
 

@@ -25,6 +25,13 @@ router, the adapters and the embedding through both passes, as in the literal fo
 both logits and gradients against it, written with an explicit attention mask). At inference the weights
 are computed at the prefill and stored in kv_cache.prompts[ROUTER_CACHE_KEY] for the decode steps.
 
+The trainer runs the same model in one pass instead (`append_modality_token` + `routed_by_token`): each row
+gets its modality token as its last position, in a packed segment of its own (so it attends only to itself
+and no token attends to it, as at position 0), and each adapter routes its row by that position. Every
+block then runs once per step, inside its own forward, which FSDP2 needs to shard each block on its own
+(the routing pass would run each block a second time and reach its router in the backward after the block
+was resharded). The tests check it against lavin.forward (logits, loss and gradients).
+
 Vision: a MoMAdapter after each CLIP encoder layer's layer_norm1 (and layer_norm2 with
 vision_adapter_before_mlp), routed by the [CLS] token of its own normalised input, per sample (LaVIN's CLIP
 code indexes x[:, 0] of a sequence-first tensor, i.e. routes every token by the first sample's token at the
@@ -107,8 +114,9 @@ class LaVINConfig:
 
 
 class _Routing:
-    """record=True (the routing pass): each adapter computes its weights from its own input's first token
-    and stores them; record=False (the main pass): each adapter uses weights[layer]."""
+    """record=True (the routing pass, or one pass with the modality token appended): each adapter computes its
+    weights from its own input's last position (the modality token) and stores them; record=False (the main
+    pass): each adapter uses weights[layer]."""
 
     def __init__(self, record: bool, weights: Optional[Dict[int, torch.Tensor]] = None) -> None:
         self.record = record
@@ -127,7 +135,7 @@ class MoMAttention(nn.Module):
     def _weights(self, x: torch.Tensor, layer: int, kv_cache: Optional[KVCache]) -> torch.Tensor:
         r = self.routing
         if r is not None and r.record:
-            w = self.adapter.routing_weights(x[:, 0])
+            w = self.adapter.routing_weights(x[:, -1])
             r.weights[layer] = w
             return w
         if r is not None:
@@ -331,6 +339,38 @@ def route(model: Llama, modality: torch.Tensor) -> Dict[int, torch.Tensor]:
         model(inputs_embeds=tokens)  # its logits are not needed; the blocks record the weights
     index = modality.to(rows.device)
     return {layer: w[index] for layer, w in r.weights.items()}
+
+
+def append_modality_token(model: Llama, embeds: torch.Tensor, modality: torch.Tensor, *,
+                          positions: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None
+                          ) -> Dict[str, torch.Tensor]:
+    """Llama.forward arguments that run LaVIN in one pass (inside `routed_by_token`): embeds (B, T, d) with each
+    row's modality token (modality (B,): 0 text-only, 1 with image) appended at position T in a segment of its
+    own. positions / segment_ids (B, T), when the rows have them (packing, hidden visual prefixes), are
+    extended; a row's text keeps its rotary positions. The output at position T is not a prediction (give its
+    label -100). No KV cache: packed segments need the whole sequence."""
+    _require(model)
+    bsz, seq = embeds.shape[:2]
+    modality = _modality(modality, bsz, TEXT, embeds.device)
+    token = model.modality_embedding(modality.to(model.modality_embedding.weight.device))[:, None]
+    out = {"inputs_embeds": torch.cat([embeds, token.to(device=embeds.device, dtype=embeds.dtype)], 1)}
+    if segment_ids is None:
+        segment_ids = torch.zeros(bsz, seq, dtype=torch.long, device=embeds.device)
+    _checks.shape("segment_ids", segment_ids, (bsz, seq))
+    out["segment_ids"] = torch.cat([segment_ids, segment_ids.max(1, keepdim=True).values + 1], 1)
+    if positions is not None:
+        if positions.dim() == 1:
+            positions = positions.expand(bsz, seq)
+        _checks.shape("positions", positions, (bsz, seq))
+        out["positions"] = torch.cat([positions, torch.zeros_like(positions[:, :1])], 1)
+    return out
+
+
+def routed_by_token(model: Llama):
+    """The context of a one-pass forward (append_modality_token): each adapter routes its rows by their last
+    position."""
+    _require(model)
+    return _routing(model, _Routing(record=True))
 
 
 @contextlib.contextmanager

@@ -51,16 +51,18 @@ def init(mode: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), mode, device)
 
 
-def wrap(module: nn.Module, info: DistInfo, per_block: bool = True, some_unused: bool = False) -> nn.Module:
+def wrap(module: nn.Module, info: DistInfo, some_unused: bool = False) -> nn.Module:
     """The module the trainer calls: `module` itself, its DDP wrapper, or `module` sharded in place.
 
     some_unused: a step may leave some trainable parameters without a gradient on every process (a multimodal
     method's visual path when no sample of the global batch has an image); DDP then looks for them each step.
 
-    FSDP2: each block of module.model is a group, then the root. Every block stays in the root group instead
-    (the parameters sharded between steps, whole for all of the forward and backward) when per_block is False
-    (a method that runs blocks outside their own forward: LaVIN's routing pass) or when a parameter is held
-    both inside a block and elsewhere (Compacter's shared rule): FSDP2 keeps each parameter in one group."""
+    FSDP2: each block of module.model is a group, then the root. A method must run each block once per
+    forward, inside the block's own forward (LaVIN trains in one pass for this), or a block could be
+    resharded before its backward. Every block stays in the root group instead (the parameters sharded between
+    steps, whole for all of the forward and backward) when a parameter is held both inside a block and
+    elsewhere: FSDP2 keeps each parameter in one group. No method of this project does that (Compacter's
+    shared rule is held by the model alone)."""
     if info.mode == "none":
         return module
     if info.mode == "ddp":
@@ -70,11 +72,17 @@ def wrap(module: nn.Module, info: DistInfo, per_block: bool = True, some_unused:
         return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=some_unused)
     from torch.distributed.fsdp import fully_shard
 
-    if per_block and not shares_parameters_across_blocks(module, list(module.model.layers)):
+    if not shares_parameters_across_blocks(module, list(module.model.layers)):
         for block in module.model.layers:
             fully_shard(block)
     fully_shard(module)
     return module
+
+
+def sharded_blocks(model: nn.Module) -> int:
+    """How many of model.layers are FSDP2 groups of their own (0 without FSDP2, or with every block in the root
+    group)."""
+    return sum(hasattr(block, "reshard") and hasattr(block, "unshard") for block in model.layers)
 
 
 def shares_parameters_across_blocks(root: nn.Module, blocks: List[nn.Module]) -> bool:

@@ -20,13 +20,15 @@ from mmkernels.models import Llama
 
 @dataclasses.dataclass
 class ModelInputs:
-    """What one forward of the model takes for a batch: keyword arguments of Llama.forward, the number of
-    positions the method prepends before the text (visual tokens; their labels are ignored), and a context
-    the forward runs in (e.g. where HyperLLaVA reads its guidance)."""
+    """What one forward of the model takes for a batch: keyword arguments of Llama.forward (a method that
+    gives positions or segment_ids has taken the batch's own into account), the number of positions the
+    method prepends before the text (visual tokens; their labels are ignored) and appends after it, and a
+    context the forward runs in (e.g. where HyperLLaVA reads its guidance)."""
 
     kwargs: Dict[str, Any]
     prefix: int = 0
     context: Callable[[], ContextManager] = contextlib.nullcontext
+    suffix: int = 0  # positions the method appends after the text (LaVIN's modality token; labels ignored)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +52,6 @@ class MethodSpec:
     # (model, vision, pixel_values (B, 3, H, W) or None, B) -> keyword arguments of models.generation.generate
     # that give each prompt what the training forward gave its sample (visual tokens, prompts, routing).
     serve: Optional[Callable[[Llama, Optional[nn.Module], Optional[torch.Tensor], int], Dict[str, Any]]] = None
-    # FSDP2 groups per block; False when the method runs blocks outside their own forward (LaVIN's routing
-    # pass): the side path's backward would find the block resharded.
-    fsdp_per_block: bool = True
 
     def serve_inputs(self, model: Llama, vision: Optional[nn.Module], pixel_values: Optional[torch.Tensor],
                      batch: int) -> Dict[str, Any]:
@@ -193,25 +192,29 @@ def _lavin() -> MethodSpec:
         m.apply(model, m.LaVINConfig.from_dict(options), vision=vision)
 
     def inputs(model, vision, batch, prompt_end):
-        if batch.images is None:
-            modality = torch.zeros(batch.input_ids.shape[0], dtype=torch.long, device=batch.input_ids.device)
-            return ModelInputs({"input_ids": batch.input_ids}, 0, lambda: m.routed(model, modality))
-        _require_vision_path(model, getattr(model, "lavin_vision", None), "visual_projection",
-                             "LaVIN gets a visual projection")
+        # One pass: each row's modality token is its last position (lavin.append_modality_token), so every block
+        # runs once, in its own forward (FSDP2 shards the blocks one by one).
         modality = batch.has_image.long()
-        visual = m.encode_images(model, batch.images)
-        text = model.embed_tokens(batch.input_ids)
-        embeds = torch.cat([visual.to(text.dtype), text], dim=1)
-        # Text-only samples of a mixed batch (text-only routing) carry placeholder visual tokens no query sees.
-        kwargs = {"inputs_embeds": embeds, **_hide_visual_prefix(batch.has_image, visual.shape[1], embeds.shape[1])}
-        return ModelInputs(kwargs, visual.shape[1], lambda: m.routed(model, modality))
+        embeds = model.embed_tokens(batch.input_ids)
+        prefix, hide = 0, {"positions": batch.positions}
+        if batch.images is not None:
+            _require_vision_path(model, getattr(model, "lavin_vision", None), "visual_projection",
+                                 "LaVIN gets a visual projection")
+            visual = m.encode_images(model, batch.images)
+            embeds = torch.cat([visual.to(embeds.dtype), embeds], dim=1)
+            prefix = visual.shape[1]
+            # Text-only samples of a mixed batch (text-only routing) carry placeholder visual tokens no query sees.
+            hide = {"positions": None, **_hide_visual_prefix(batch.has_image, prefix, embeds.shape[1])}
+        kwargs = m.append_modality_token(model, embeds, modality, positions=hide.pop("positions"),
+                                         segment_ids=batch.segment_ids)
+        return ModelInputs({**kwargs, **hide}, prefix, lambda: m.routed_by_token(model), suffix=1)
 
     def serve(model, vision, pixels, batch):  # encode_images refuses images without LaVIN's vision tower
         return m.generation_inputs(model, batch, pixel_values=pixels)
 
     return MethodSpec("lavin", apply, m.adapter_parameters, m.save_adapter,
                       lambda model, path, vision: m.load_adapter(model, path, vision=vision), None, inputs,
-                      multimodal=True, serve=serve, fsdp_per_block=False)
+                      multimodal=True, serve=serve)
 
 
 _BUILDERS: Dict[str, Callable[[], MethodSpec]] = {

@@ -107,10 +107,9 @@ class LossModule(nn.Module):
         if prompt_end is None:
             prompt_end = prompt_ends(batch.labels)
         inputs = self.spec.inputs(self.model, self._vision[0], batch, prompt_end)
-        if batch.positions is not None:
-            inputs.kwargs["positions"] = batch.positions
-        if batch.segment_ids is not None:
-            inputs.kwargs["segment_ids"] = batch.segment_ids
+        for name in ("positions", "segment_ids"):  # unless the method has set them (from the batch's)
+            if getattr(batch, name) is not None and name not in inputs.kwargs:
+                inputs.kwargs[name] = getattr(batch, name)
         return inputs
 
     def forward(self, batch, last: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -120,8 +119,8 @@ class LossModule(nn.Module):
             hidden = self.model(**inputs.kwargs, hidden_only=True)
         if last is None:
             labels = batch.labels
-            if inputs.prefix:
-                labels = F.pad(labels, (inputs.prefix, 0), value=IGNORE)
+            if inputs.prefix or inputs.suffix:
+                labels = F.pad(labels, (inputs.prefix, inputs.suffix), value=IGNORE)
             return token_loss_sum(self.model, hidden, labels, self.fused, self.chunk)
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last + inputs.prefix]
         weight, bias = lm_head_parts(self.model)
@@ -231,8 +230,7 @@ class Run:
         if vision is None and any(s.image is not None for s in train_samples):
             raise ValueError("data: the samples have images but no vision tower is configured (set `vision`)")
         loss_module = LossModule(model, spec, vision, cfg.fused_loss, cfg.loss_chunk)
-        module = dist_utils.wrap(loss_module, dist, per_block=spec.fsdp_per_block,
-                                 some_unused=spec.multimodal and vision is not None)
+        module = dist_utils.wrap(loss_module, dist, some_unused=spec.multimodal and vision is not None)
         # After wrapping: FSDP2 replaces the parameters by sharded ones.
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not params:
@@ -418,7 +416,8 @@ class Run:
                    "peak_mem_mb": round(peak_memory_mb(self.device), 1), "final_loss": loss,
                    "eval_before": before, "eval_after": after, "device": str(self.device),
                    "world_size": self.dist.world_size, "optimizer": optimizer_name(self.optimizer),
-                   "rank_max_diff": dist_utils.max_rank_difference(self.params, self.dist)}
+                   "rank_max_diff": dist_utils.max_rank_difference(self.params, self.dist),
+                   "fsdp_block_groups": dist_utils.sharded_blocks(self.model)}
         if say:
             self._log({"step": self.step, "eval": after, "summary": True})
             atomic_write(os.path.join(cfg.out_dir, "summary.json"),
