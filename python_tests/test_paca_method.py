@@ -86,6 +86,17 @@ def test_qpaca_trains_and_keeps_its_columns_exact(kind):
         torch.testing.assert_close(a, b, rtol=5e-4, atol=2e-5)
 
 
+def test_nf4_block_that_does_not_divide_a_layer_is_named_before_any_change():
+    model = tiny_model(intermediate_size=72)  # 3 layers; the hidden size, 64, is a multiple of 16; 72 is not
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"block: NF4 quantizes blocks of 16 .* 3 target .*layers\.0\.mlp\.down_proj: 72"):
+        paca.apply(model, paca.PaCAConfig(rank=4, quantize="nf4", block=16))
+    assert not any(isinstance(m, (PaCALinear, QPaCALinear)) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters()) and getattr(model, "paca_config", None) is None
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
 def test_qpaca_base_error_within_the_quantization_bound():
     gen = torch.Generator().manual_seed(0)
     base = torch.nn.Linear(128, 24, bias=True)
