@@ -125,6 +125,31 @@ def test_a_process_without_images_beside_one_with_images(tmp_path, one_image, mo
         torch.testing.assert_close(got[name], t, rtol=2e-5, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_fsdp_resumes_a_one_process_checkpoint(tmp_path, instructions):
+    """Checkpoints hold whole tensors by name, so a run resumes under another world size: FSDP2 on 2 processes
+    continues a 1-process PaCA run from its step-2 checkpoint (optimizer state sharded on load, W_eff's columns
+    re-synced in each row shard) to the uninterrupted run's losses and adapter."""
+    import shutil
+
+    common = ["--data", instructions, "--data-format", "instruction", "--method", "paca", "--max-len", "192",
+              "--max-steps", "4", *STEPS[2:], "--save-every", "2", "--keep-checkpoints", "5"]
+    ref, _ = _train(tmp_path / "one", "--batch-size", "8", common=common)
+    resumed = tmp_path / "two"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "one/checkpoints/step_00000002", resumed / "checkpoints/step_00000002")
+    (resumed / "checkpoints/latest").write_text("step_00000002")
+    got, summary = _train(resumed, "--batch-size", "4", "--distributed", "fsdp", "--resume", nproc=2, common=common)
+    assert summary["steps"] == 4 and summary["rank_max_diff"] == 0.0
+
+    def losses(run):
+        return {r["step"]: r["loss"] for r in map(json.loads, open(run / "metrics.jsonl")) if "loss" in r}
+
+    want, have = losses(tmp_path / "one"), losses(resumed)
+    assert sorted(have) == [3, 4] and [have[s] for s in (3, 4)] == pytest.approx([want[s] for s in (3, 4)], rel=1e-5)
+    for name, t in ref.items():
+        torch.testing.assert_close(got[name], t, rtol=2e-5, atol=2e-6, msg=name)
+
+
 def test_compacter_rule_leaves_every_block_its_own_fsdp_group():
     """The shared phm rule is held by the model alone, so FSDP2 shards each block on its own; a rule held by
     the adapters themselves (PHMAdapter given the nn.Parameter) would put every block in the root group."""
