@@ -77,6 +77,20 @@ def positive_float(name: str, value: object) -> float:
     return float(value)
 
 
+def device(name: Optional[str], arg: str = "device") -> torch.device:
+    """A device the user named: None or "auto" -> cuda when one is visible, else cpu; a CUDA device that is not
+    there, or a name torch does not know, is an error naming `arg`."""
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{arg}: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r} ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{arg}: {name!r} was asked for, but no CUDA device is visible")
+    return dev
+
+
 def one_of(name: str, value: object, allowed: Sequence[object]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}: expected one of {tuple(allowed)}, got {value!r}")

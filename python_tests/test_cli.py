@@ -38,6 +38,7 @@ def test_generate_reads_prompts_from_stdin_and_is_deterministic():
 
 
 @pytest.mark.parametrize("flag,value,message", [
+    ("--device", "tpu9", "--device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu9'"),
     ("--max-new-tokens", "0", "--max-new-tokens: expected a positive integer"),
     ("--top-p", "1.5", "--top-p: expected a number in (0, 1]"),
     ("--temperature", "-1", "--temperature: expected a number >= 0"),

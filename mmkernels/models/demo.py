@@ -62,12 +62,13 @@ def check_sampling_args(args: argparse.Namespace) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from mmkernels import _checks
     from mmkernels.models.config import LlamaConfig
     from mmkernels.models.llama import Llama
     from mmkernels.models.tokenizer import ByteTokenizer, load_tokenizer
 
     check_sampling_args(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _checks.device(args.device, "--device")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
     if args.model is None:

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from mmkernels import _checks
 from mmkernels.models import Llama
 from mmkernels.train import method_specs
 
@@ -68,7 +69,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from mmkernels.train.images import load_image
 
     demo.check_sampling_args(args)
-    device = torch.device(args.device) if args.device else None
+    device = _checks.device(args.device, "--device") if args.device else None
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model, tokenizer, vision, spec = load(args.adapter, args.model, dtype, device)
     prompts = demo._read_prompts(args)

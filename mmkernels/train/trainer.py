@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mmkernels import _checks
 from mmkernels.models import Llama, LlamaConfig
 from mmkernels.models.loading import atomic_write
 from mmkernels.train import checkpoint as ckpt
@@ -38,12 +39,7 @@ IGNORE = -100
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {name!r} was asked for, but no CUDA device is visible")
-    return device
+    return _checks.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
