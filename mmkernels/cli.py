@@ -213,7 +213,8 @@ def console(argv: Optional[List[str]] = None) -> int:
         if os.environ.get("MMK_TRACEBACK", "0") == "1":
             raise
         args = sys.argv[1:] if argv is None else argv
-        prog = " ".join(["mmkernels", *[a for a in args[:1] if not a.startswith("-")]])
+        command = args[0] if args and not args[0].startswith("-") else None
+        prog = f"mmkernels {command}" if command else "mmkernels"
         print(f"{prog}: error: {e}", file=sys.stderr)
         print("(MMK_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
         return 2

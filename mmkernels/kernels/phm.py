@@ -271,9 +271,6 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
 
-MAX_C = 128  # n * n * r (padded to a power of two) above which the kernels do not fit Hopper's shared memory
-
-
 def _config(m: int, d: int, k: int, n: int, r: int, device: torch.device, backward: bool = False
             ) -> Tuple[int, int, int, int, int, int]:
     """(C, BLOCK_M, BLOCK_D, BLOCK_K, num_warps, num_stages).
@@ -283,7 +280,8 @@ def _config(m: int, d: int, k: int, n: int, r: int, device: torch.device, backwa
     paper's) takes 64-row blocks with no spills: the forward with 4 warps, the backward with 8 (it spilled
     192 B per thread with 4). C = 32 needs 16-row blocks and 8 warps to stay off the stack. C = 64 still
     spills in the backward (88 B at the tiles below) and C = 128 in both (over 1 KB); C = 256 does not fit
-    the shared memory at all (MAX_C). Not yet chosen by measurement."""
+    the shared memory at all (ops.phm.MAX_TRITON_RULE_WIDTH sends it to the reference). Not yet chosen by
+    measurement."""
     c = _pow2(n * n * r, 16, 1 << 30)
     block_k = _pow2(k, 16, 64)
     if not _device.compiled(device):  # the interpreter runs one program at a time: fewer, larger blocks

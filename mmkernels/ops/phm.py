@@ -34,7 +34,7 @@ __all__ = ["phm_adapter", "phm_linear"]
 
 OP = "phm_adapter"
 backend.register_op(OP, ("triton", "reference"))
-MAX_TRITON_RULE_WIDTH = 128  # kernels/phm.py MAX_C: wider rule tiles do not fit Hopper's shared memory
+MAX_TRITON_RULE_WIDTH = 128  # wider rule tiles do not fit Hopper's shared memory (kernels/phm.py _config)
 
 
 @torch.library.custom_op("mmkernels::phm_adapter_fwd", mutates_args=())

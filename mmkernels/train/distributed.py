@@ -79,10 +79,15 @@ def wrap(module: nn.Module, info: DistInfo, some_unused: bool = False) -> nn.Mod
     return module
 
 
+def _is_fsdp_group(module: nn.Module) -> bool:
+    """Whether fully_shard made `module` an FSDP2 group (it gains unshard() / reshard())."""
+    return hasattr(module, "unshard") and hasattr(module, "reshard")
+
+
 def sharded_blocks(model: nn.Module) -> int:
     """How many of model.layers are FSDP2 groups of their own (0 without FSDP2, or with every block in the root
     group)."""
-    return sum(hasattr(block, "reshard") and hasattr(block, "unshard") for block in model.layers)
+    return sum(_is_fsdp_group(block) for block in model.layers)
 
 
 def shares_parameters_across_blocks(root: nn.Module, blocks: List[nn.Module]) -> bool:
@@ -186,7 +191,7 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, par
 
 @contextlib.contextmanager
 def _unsharded(root: nn.Module):
-    shards = [m for m in root.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
+    shards = [m for m in root.modules() if _is_fsdp_group(m)]
     for m in shards:
         m.unshard()
     try:

@@ -28,9 +28,10 @@ DEFAULT_LOSS_CHUNK = 4096  # tokens per chunk when the op chooses (see ops.linea
 
 
 def _dtype(cfg: TrainConfig) -> torch.dtype:
-    from mmkernels.train.trainer import resolve_device, resolve_dtype
+    from mmkernels import _checks
+    from mmkernels.train.trainer import resolve_dtype
 
-    return resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+    return resolve_dtype(cfg.dtype, _checks.device(cfg.device))
 
 
 def _saved_per_token(c: LlamaConfig, act_bytes: int) -> int:

@@ -196,7 +196,7 @@ def _lavin() -> MethodSpec:
         # runs once, in its own forward (FSDP2 shards the blocks one by one).
         modality = batch.has_image.long()
         embeds = model.embed_tokens(batch.input_ids)
-        prefix, hide = 0, {"positions": batch.positions}
+        prefix, positions, hide = 0, batch.positions, {}
         if batch.images is not None:
             _require_vision_path(model, getattr(model, "lavin_vision", None), "visual_projection",
                                  "LaVIN gets a visual projection")
@@ -204,9 +204,9 @@ def _lavin() -> MethodSpec:
             embeds = torch.cat([visual.to(embeds.dtype), embeds], dim=1)
             prefix = visual.shape[1]
             # Text-only samples of a mixed batch (text-only routing) carry placeholder visual tokens no query sees.
-            hide = {"positions": None, **_hide_visual_prefix(batch.has_image, prefix, embeds.shape[1])}
-        kwargs = m.append_modality_token(model, embeds, modality, positions=hide.pop("positions"),
-                                         segment_ids=batch.segment_ids)
+            hide = _hide_visual_prefix(batch.has_image, prefix, embeds.shape[1])  # kv_start and positions, or {}
+            positions = hide.pop("positions", None)
+        kwargs = m.append_modality_token(model, embeds, modality, positions=positions, segment_ids=batch.segment_ids)
         return ModelInputs({**kwargs, **hide}, prefix, lambda: m.routed_by_token(model), suffix=1)
 
     def serve(model, vision, pixels, batch):  # encode_images refuses images without LaVIN's vision tower

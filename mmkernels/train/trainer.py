@@ -38,10 +38,6 @@ from mmkernels.train.config import TrainConfig
 IGNORE = -100
 
 
-def resolve_device(name: str) -> torch.device:
-    return _checks.device(name)
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -212,7 +208,7 @@ class Run:
         from mmkernels.train import data as data_mod
 
         dist = dist_utils.init(cfg.distributed)
-        device = dist.device if dist.world_size > 1 else resolve_device(cfg.device)
+        device = dist.device if dist.world_size > 1 else _checks.device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
         model, tokenizer = build_model(cfg.model, cfg.tokenizer, cfg.seed, device, dtype)
         vision = build_vision(cfg.vision, cfg.seed, device, dtype)
@@ -277,9 +273,7 @@ class Run:
         anywhere = dist_utils.all_reduce_sum(local, self.dist)  # a collective: every process calls it
         if local or not anywhere:
             return batches
-        last = batches[-1]
-        if last.segment_ids is not None:  # packing takes text-only samples, so no process can have images
-            raise RuntimeError("train: a packed batch on one process while another has images")
+        last = batches[-1]  # not packed: packing refuses samples with images, so no process would have one
         size = image_size(self.vision)
         images = torch.zeros(last.input_ids.shape[0], 3, size, size, device=last.input_ids.device)
         return [*batches[:-1], last._replace(images=images)]
