@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _data import write_instructions
+
 STEPS = ["--max-steps", "3", "--no-progress", "--warmup-steps", "1", "--max-grad-norm", "0", "--no-fused-loss"]
 COMMON = ["--vision", "tiny", "--demo-samples", "32", "--demo-eval-samples", "8", "--max-len", "160", *STEPS]
 
@@ -59,10 +61,7 @@ def test_ranks_hold_identical_adapters(tmp_path):
 
 @pytest.fixture(scope="module")
 def instructions(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "d.jsonl"
-    rows = [{"instruction": f"Say {w}.", "output": w} for w in ("yes", "no", "maybe", "never")] * 8
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return str(path)
+    return write_instructions(tmp_path_factory.mktemp("data") / "d.jsonl", repeat=8)
 
 
 # PaCA writes W_eff's columns into row shards; LaVIN trains in one pass (its routing pass would run each block

@@ -1,10 +1,9 @@
 """Serving trained adapters: `mmkernels generate --adapter` and `mmkernels export --merge`."""
 
-import json
-
 import pytest
 import torch
 
+from _data import write_instructions
 from _multimodal import random_adapter_model
 from mmkernels.cli import main
 from mmkernels.models.generation import generate
@@ -13,14 +12,8 @@ from mmkernels.train.config import TrainConfig
 from mmkernels.train.data import Batch
 
 
-def _instruction_data(path):
-    rows = [{"instruction": f"Say {w}.", "output": w} for w in ("yes", "no", "maybe", "never")] * 4
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return str(path)
-
-
 def _train(tmp_path, method, **kw):
-    cfg = TrainConfig(data=_instruction_data(tmp_path / "d.jsonl"), data_format="instruction", method=method,
+    cfg = TrainConfig(data=write_instructions(tmp_path / "d.jsonl"), data_format="instruction", method=method,
                       out_dir=str(tmp_path / "run"), max_steps=3, batch_size=4, progress=False, max_len=192,
                       warmup_steps=1, lr=0.05, **kw)
     run = trainer.Run.build(cfg)

@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+from _data import write_instructions
 from mmkernels.train import config as train_config
 from mmkernels.train import memory, trainer
 from mmkernels.train.config import TrainConfig
@@ -125,9 +126,7 @@ def test_only_trainable_parameters_change_and_have_optimizer_state(tmp_path):
 
 def _instructions(tmp_path):
     """Options for a text-only run on a small instruction file."""
-    rows = [{"instruction": f"Say {w}.", "output": w} for w in ("yes", "no", "maybe", "never")] * 4
-    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return dict(vision=None, data=str(tmp_path / "d.jsonl"), data_format="instruction")
+    return dict(vision=None, data=write_instructions(tmp_path / "d.jsonl"), data_format="instruction")
 
 
 # -- gradient checkpointing ---------------------------------------------------------------------------------------
