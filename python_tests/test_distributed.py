@@ -74,6 +74,8 @@ def test_fsdp_trains_every_method_like_one_process(tmp_path, instructions, metho
     got, summary = _train(tmp_path / "two", "--batch-size", "4", "--distributed", "fsdp", nproc=2, common=text)
     assert summary["world_size"] == 2 and summary["rank_max_diff"] == 0.0
     assert summary["fsdp_block_groups"] == 2 and ref_summary["fsdp_block_groups"] == 0  # the tiny model's 2 blocks
+    if method == "paca":  # the fused step, on each process's row shards
+        assert summary["optimizer"] == ref_summary["optimizer"] == "PaCAAdamW"
     assert sorted(got) == sorted(ref)
     moved = 0
     for name, t in ref.items():

@@ -176,38 +176,67 @@ def test_option_off_and_quantized_base_use_adamw_with_sync(tmp_path, data):
     assert spec.optimizer is None
 
 
-def test_fsdp_shards_keep_adamw_with_sync():
-    """Under FSDP2 (deltas are DTensor row shards) the spec declines and the trainer builds AdamW + sync.
-    A 1-process group and mesh: the parameters are DTensors, as under torchrun."""
+def _step_row_shards(rank, port, out_features, result):
+    """One of 2 gloo processes: PaCA layers of the given widths, sharded by rows with fully_shard, take 3
+    PaCAAdamW steps on seeded whole gradients (each process given its rows); rank 0 puts the gathered
+    weights and deltas in `result`."""
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
 
-    from mmkernels.models import Llama, LlamaConfig
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        model = _row_shard_layers(out_features)
+        for m in model:
+            fully_shard(m, mesh=mesh)
+        assert all(hasattr(m.delta, "device_mesh") and hasattr(m.weight, "device_mesh") for m in model)
+        opt = PaCAAdamW(list(model), lr=3e-2, weight_decay=0.1)
+        for grads in _row_shard_grads(out_features):
+            for m, g in zip(model, grads):
+                m.delta.grad = distribute_tensor(g, mesh, [Shard(0)])
+            opt.step()
+        gathered = [(m.weight.full_tensor(), m.delta.detach().full_tensor()) for m in model]
+        if rank == 0:
+            result.update(enumerate(gathered))
+    finally:
+        dist.destroy_process_group()
 
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized in this process")
+
+def _row_shard_layers(out_features):
+    torch.manual_seed(0)
+    return [PaCALinear(torch.nn.Linear(12, d), 3, scaling=0.5, name=f"l{d}") for d in out_features]
+
+
+def _row_shard_grads(out_features, steps=3):
+    gen = torch.Generator().manual_seed(1)
+    return [[torch.randn(d, 3, generator=gen) for d in out_features] for _ in range(steps)]
+
+
+def test_fsdp_row_shards_step_like_whole_tensors():
+    """Under FSDP2 the fused step runs on each process's rows (torch.chunk's pieces: 5 rows as 3 + 2, and a
+    1-row layer that leaves the second process none) and ends bit-identical to the step on whole tensors."""
+    import torch.multiprocessing as mp
+
+    widths = (1, 5, 8)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        spec = method_specs.get("paca")
-        cfg = TrainConfig(method="paca", data="unused.jsonl", method_options={"rank": 4})
-        kinds = []
-        for shard in (False, True):
-            model = Llama(LlamaConfig.tiny())
-            spec.apply(model, cfg.method_options, None)
-            if shard:
-                for block in model.layers:
-                    fully_shard(block)
-                fully_shard(model)
-            params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-            assert all(hasattr(p, "device_mesh") == shard for p in params.values())
-            opt = trainer.build_optimizer(spec, model, trainer.param_groups(params, cfg.lr, {}), cfg)
-            kinds.append((type(opt).__name__, len(opt._optimizer_step_post_hooks)))
-    finally:
-        dist.destroy_process_group()
-    assert kinds == [("PaCAAdamW", 0), ("AdamW", 1)]
+    with mp.Manager() as manager:
+        result = manager.dict()
+        mp.spawn(_step_row_shards, args=(port, widths, result), nprocs=2, join=True)
+        sharded = dict(result)
+    whole = _row_shard_layers(widths)
+    opt = PaCAAdamW(whole, lr=3e-2, weight_decay=0.1)
+    for grads in _row_shard_grads(widths):
+        for m, g in zip(whole, grads):
+            m.delta.grad = g
+        opt.step()
+    for i, m in enumerate(whole):
+        weight, delta = sharded[i]
+        assert torch.equal(delta, m.delta.detach()) and delta.abs().sum() > 0, m.name
+        assert torch.equal(weight, m.weight.detach()), m.name
 
 
 def test_ddp_steps_fused_like_one_process(tmp_path, data):

@@ -117,14 +117,13 @@ def sync_after_step(optimizer: torch.optim.Optimizer, model: Llama):
 
 def fused_optimizer(model: Llama, groups: List[Dict[str, Any]], **adamw: Any) -> Optional[PaCAAdamW]:
     """PaCAAdamW over AdamW's param groups of deltas: torch.optim.AdamW(groups, **adamw) followed by sync(model)
-    in one pass per layer. None where it does not apply: a grouped tensor is not a PaCALinear's delta
-    (QPaCALinear needs no sync; a parameter of another method), or a delta is a DTensor shard (FSDP2: the
-    fused step writes whole columns, and a shard holds only some rows)."""
+    in one pass per layer (under FSDP2, on each process's row shards). None where it does not apply: a grouped
+    tensor is not a PaCALinear's delta (QPaCALinear needs no sync; a parameter of another method)."""
     owners = {id(m.delta): m for m in layers(model).values() if isinstance(m, PaCALinear)}
     fused_groups = []
     for group in groups:
         params = list(group["params"])
-        if any(id(p) not in owners or hasattr(p, "device_mesh") for p in params):
+        if any(id(p) not in owners for p in params):
             return None
         fused_groups.append({**group, "params": [owners[id(p)] for p in params]})
     return PaCAAdamW(fused_groups, **adamw)

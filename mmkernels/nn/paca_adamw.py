@@ -3,7 +3,8 @@
     delta <- AdamW(delta, delta.grad)   (decoupled weight decay, as torch.optim.AdamW(foreach=False))
     W[:, I] <- orig + s delta           (in the same pass: ops.paca_adamw_sync)
 
-After `step()` every module's weight already holds its new W_eff, so no `sync_()` call is needed. A delta
+After `step()` every module's weight already holds its new W_eff, so no `sync_()` call is needed. Under FSDP2
+(weight, delta, its gradient and states all sharded by rows) each process steps and writes the rows it holds. A delta
 whose grad is None is skipped (its state and weight untouched). The state per delta is torch AdamW's
 ("step" as a float32 CPU scalar tensor, "exp_avg", "exp_avg_sq"), so `state_dict()` / `load_state_dict()`
 are the inherited ones and a state dict moves between this optimizer and torch.optim.AdamW over the same
@@ -48,6 +49,11 @@ def _hparams(where: str, lr, betas, eps, weight_decay):
             raise
         raise type(exc)(where + str(exc)) from None
     return lr, (beta1, beta2), eps, weight_decay
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the state and gradient of an FSDP2 delta share its rows), else t itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _modules_of(where: str, modules: List[Any]) -> List[PaCALinear]:
@@ -128,7 +134,10 @@ class PaCAAdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                paca_adamw_sync(module.weight, module.orig_cols, module.idx, module.scaling, p, p.grad,
-                                state["exp_avg"], state["exp_avg_sq"], state["step"].item(), group["lr"],
-                                group["betas"], group["eps"], group["weight_decay"])
+                weight, orig, delta = module.local_rows()
+                grad, exp_avg, exp_avg_sq = (_local(t) for t in (p.grad, state["exp_avg"], state["exp_avg_sq"]))
+                if delta.numel():  # under FSDP2 a process can hold no rows of a narrow layer (no empty launch)
+                    paca_adamw_sync(weight, orig, module.idx, module.scaling, delta, grad, exp_avg, exp_avg_sq,
+                                    state["step"].item(), group["lr"], group["betas"], group["eps"],
+                                    group["weight_decay"])
         return loss

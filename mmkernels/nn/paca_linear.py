@@ -32,6 +32,9 @@ def check_base_and_rank(base: nn.Linear, r: int):
 
 def _shard_rows(t, rows: int) -> slice:
     """The rows of a dim-0-sharded DTensor that this process holds: torch.chunk's pieces, as FSDP2 shards."""
+    if not hasattr(t, "device_mesh"):
+        raise NotImplementedError(f"PaCALinear: expected the weight and delta both DTensors (FSDP2) or neither, "
+                                  f"got one {type(t).__name__}")
     mesh = t.device_mesh
     if mesh.ndim != 1 or [type(p).__name__ for p in t.placements] != ["Shard"] or t.placements[0].dim != 0:
         raise NotImplementedError(f"PaCALinear.sync_: expected a weight sharded by rows on a 1-D mesh (FSDP2), "
@@ -66,14 +69,22 @@ class PaCALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.paca_linear(x, self.weight, self.delta, self.idx, self.scaling, self.bias)
 
+    def local_rows(self):
+        """(weight, orig_cols, delta) as plain tensors over the rows this process holds: the whole tensors, or
+        under FSDP2 (weight and delta DTensors sharded by rows) the local shards and orig_cols' same rows."""
+        weight, delta, orig = self.weight, self.delta, self.orig_cols
+        if hasattr(weight, "to_local") or hasattr(delta, "to_local"):
+            rows = _shard_rows(weight, self.out_features)
+            if _shard_rows(delta, self.out_features) != rows:
+                raise NotImplementedError(f"PaCALinear {self.name!r}: weight and delta are sharded differently")
+            weight, delta, orig = weight.to_local(), delta.to_local(), orig[rows]
+        return weight, orig, delta
+
     @torch.no_grad()
     def sync_(self) -> "PaCALinear":
         """W[:, I] = orig + s * delta (fp32 math, one rounding to W's dtype), in place. Under FSDP2 (weight and
         delta sharded by rows) each process writes the rows it holds."""
-        weight, delta, orig = self.weight, self.delta, self.orig_cols
-        if hasattr(weight, "to_local"):
-            weight, delta = weight.to_local(), delta.to_local()
-            orig = orig[_shard_rows(self.weight, self.out_features)]
+        weight, orig, delta = self.local_rows()
         paca_ops.sync_columns(weight, orig, delta, self.idx, self.scaling)
         return self
 
