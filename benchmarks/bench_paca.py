@@ -119,7 +119,8 @@ def layer_bytes(kind: str, r: Optional[int], d_in: int, d_out: int, elem: int = 
     if kind == "paca":  # W_eff + original columns + delta + idx (int64)
         return w * elem + d_out * r * elem + d_out * r * 4 + r * 8
     if kind in ("qpaca_nf4", "qpaca_int8"):
-        base = (w // 2 + (w // block) * 4) if kind == "qpaca_nf4" else (w + d_out * 4)
+        blocks = -(-w // block)  # the last NF4 block is zero-padded (reference/quantize.py nf4_blocks)
+        base = blocks * (block // 2 + 4) if kind == "qpaca_nf4" else (w + d_out * 4)
         return base + d_out * r * elem + d_out * r * 4 + r * 8
     if kind == "lora":  # [W; A] in one buffer + B, all in the base dtype
         return (d_out + r) * d_in * elem + d_out * r * elem

@@ -56,7 +56,7 @@ TARGET_BYTES = 12 * 2**30
 DEVICE = "cuda"
 DTYPE = torch.bfloat16
 SEVEN_B = dict(hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=32000)
-TINY = dict(hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=96)  # every d_in a multiple of the NF4 block
+TINY = dict(hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=96)
 
 
 def config(layers: int, seq: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int) -> LlamaConfig:

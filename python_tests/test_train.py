@@ -277,11 +277,30 @@ def test_estimate_matches_the_model(tmp_path, recompute):
     run = trainer.Run.build(cfg)
     n = sum(p.numel() for p in run.params.values())
     assert est["optimizer"] == 8 * n and est["gradients"] == 4 * n
-    assert est["weights"] == sum(p.numel() * p.element_size() for p in run.model.parameters())
+    assert est["weights"] == _weight_bytes(run.model)
     saved, tokens = _saved_bytes(run)
     per_token_est = (est["activations"]) / (cfg.batch_size * cfg.max_len)
     per_token = saved / tokens
     assert 0.6 < per_token / per_token_est < 1.4, (per_token, per_token_est)
+
+
+def _weight_bytes(model):
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def test_qpaca_estimate_and_counts_hold_the_quantized_base(tmp_path):
+    """QPaCA keeps its base in buffers (NF4 codes and scales, full-precision columns): the estimate's weights
+    count them, and the trainable percentage counts the base as the d_out x d_in elements it stands for, as
+    PaCA's nn.Linear weights are (the built-in model's 344-wide MLP is not a multiple of the NF4 block)."""
+    (tmp_path / "d.jsonl").write_text(json.dumps({"instruction": "x", "output": "y"}))
+    runs = {}
+    for quantize in (None, "nf4"):
+        cfg = _cfg(tmp_path, vision=None, data=str(tmp_path / "d.jsonl"), data_format="instruction",
+                   method="paca", method_options={"rank": 4, "quantize": quantize})
+        run = runs[quantize] = trainer.Run.build(cfg)
+        assert memory.estimate(cfg)["weights"] == _weight_bytes(run.model)
+    assert trainer.model_numel(runs["nf4"].model) == trainer.model_numel(runs[None].model)
+    assert _weight_bytes(runs["nf4"].model) < 0.4 * _weight_bytes(runs[None].model)
 
 
 def test_estimate_command(capsys):

@@ -4,8 +4,8 @@
     backward:  dx = dy @ deq(W)        dy (M, N)                          -> (M, K)
 
 W never exists in full precision in memory: each program dequantizes the tile it multiplies.
-int8: W[n, k] = q[n, k] * scale[n].  NF4: the flattened W is cut into blocks of BLOCK_Q elements (along k,
-K a multiple of BLOCK_Q); element f = n K + k is nibble f % 2 of byte f // 2, its value
+int8: W[n, k] = q[n, k] * scale[n].  NF4: the flattened W is cut into blocks of BLOCK_Q elements (a block may
+span rows; the last is zero-padded); element f = n K + k is nibble f % 2 of byte f // 2, its value
 LEVELS[code] * absmax[f // BLOCK_Q] (reference/quantize.py).
 """
 

@@ -67,15 +67,6 @@ def apply(model: Llama, cfg: PaCAConfig) -> Llama:
     if getattr(model, "paca_config", None) is not None:
         raise ValueError("model: PaCA is already applied to this model")
     targets = _targets(model, cfg.targets)
-    if cfg.quantize == "nf4":  # checked for every layer first: an error leaves the model as it was
-        bad = {name: getattr(owner, attr).in_features for name, (owner, attr) in targets.items()
-               if getattr(owner, attr).in_features % cfg.block}
-        if bad:
-            name, d = next(iter(bad.items()))
-            raise ValueError(f"block: NF4 quantizes blocks of {cfg.block} input features, but {len(bad)} target "
-                             f"layer(s) have in_features that are not a multiple of it (e.g. {name}: {d}); set "
-                             f"`block` to a divisor of their in_features, leave them out of `targets`, or use "
-                             f"quantize='int8'")
     model.requires_grad_(False)
     for name, (owner, attr) in targets.items():
         setattr(owner, attr, make_layer(getattr(owner, attr), name, cfg))

@@ -45,6 +45,12 @@ class QPaCALinear(nn.Module):
         self.delta = nn.Parameter(torch.zeros(d_out, r, dtype=torch.float32, device=w.device))
 
     @property
+    def quantized_numel(self) -> int:
+        """The weight elements this layer holds in its buffers (the quantized base and the columns), which
+        parameter counts leave out: d_out x d_in, as for the nn.Linear it replaced."""
+        return self.out_features * self.in_features
+
+    @property
     def qweight(self) -> QuantizedWeight:
         return QuantizedWeight(self.qdata, self.qscales, self.kind, (self.out_features, self.in_features), self.block)
 

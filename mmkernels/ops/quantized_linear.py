@@ -3,8 +3,8 @@
     y = x deq(W)^T (+ bias)          dx = dy deq(W)          (no weight gradient: W is frozen)
 
 W (d_out, d_in) is held as a QuantizedWeight: int8 with a scale per output channel, or NF4 (4-bit
-NormalFloat, two codes per byte) with an absmax per block of `block` elements along d_in
-(reference/quantize.py). The Triton kernels dequantize tiles inside the GEMM; W is never materialised.
+NormalFloat, two codes per byte) with an absmax per block of `block` elements of the row-major weight, the
+last block zero-padded (reference/quantize.py); any d_in works. The Triton kernels dequantize tiles inside the GEMM; W is never materialised.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ backend.register_op(OP, ("triton", "reference"))
 
 @dataclasses.dataclass
 class QuantizedWeight:
-    data: Tensor  # int8 (d_out, d_in) or uint8 (d_out * d_in / 2,)
-    scales: Tensor  # float32: (d_out,) for int8, (d_out * d_in / block,) for nf4
+    data: Tensor  # int8 (d_out, d_in) or uint8 (n_blocks * block / 2,)
+    scales: Tensor  # float32: (d_out,) for int8, (n_blocks,) for nf4, n_blocks = ceil(d_out * d_in / block)
     kind: str
     shape: Tuple[int, int]
     block: int = 64
@@ -38,8 +38,6 @@ class QuantizedWeight:
         if kind == "int8":
             data, scales = ref.quantize_int8(weight)
         else:
-            if weight.shape[1] % block:
-                raise ValueError(f"weight: in_features {weight.shape[1]} must be a multiple of the NF4 block {block}")
             data, scales = ref.quantize_nf4(weight, block)
         return cls(data, scales, kind, (int(weight.shape[0]), int(weight.shape[1])), block)
 

@@ -2,7 +2,8 @@
 
 int8:  scale[o] = max_i |W[o, i]| / 127,  q = round(W / scale) in [-127, 127],  W ~ q * scale[o].
        Error bound per element: |W - W~| <= scale[o] / 2.
-NF4:   the flattened weight is cut into blocks of `block` elements; absmax[k] = max |W| in block k; each
+NF4:   the flattened (row-major) weight is cut into blocks of `block` elements, the last one padded with
+       zeros when `block` does not divide the size (a block may span rows); absmax[k] = max |W| in block k; each
        element is replaced by the index of the nearest of the 16 NormalFloat4 levels (QLoRA, arXiv
        2305.14314) to W / absmax[k]; two indices per byte, the first element in the low nibble.
        Error bound per element: |W - W~| <= absmax[k] * NF4_MAX_GAP / 2, NF4_MAX_GAP being the widest gap
@@ -11,6 +12,7 @@ NF4:   the flattened weight is cut into blocks of `block` elements; absmax[k] = 
 
 from __future__ import annotations
 
+import math
 from typing import Tuple
 
 import torch
@@ -37,14 +39,20 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
     return (q.float() * scale[:, None]).to(dtype)
 
 
+def nf4_blocks(numel: int, block: int) -> int:
+    """The number of NF4 blocks (absmax values) of a weight with `numel` elements; it packs into
+    nf4_blocks * block / 2 bytes."""
+    return -(-numel // block)
+
+
 def quantize_nf4(weight: torch.Tensor, block: int = 64) -> Tuple[torch.Tensor, torch.Tensor]:
-    """weight (any shape, numel divisible by `block`, `block` even) -> (packed uint8 (numel / 2,),
-    absmax float32 (numel / block,)). An all-zero block gets absmax 1 (it dequantizes to zeros)."""
+    """weight (any shape, `block` even) -> (packed uint8 (n_blocks * block / 2,), absmax float32 (n_blocks,)),
+    n_blocks = ceil(numel / block). An all-zero block gets absmax 1 (it dequantizes to zeros)."""
     if block < 2 or block % 2:
         raise ValueError(f"block: expected an even block size >= 2, got {block}")
-    if weight.numel() % block:
-        raise ValueError(f"weight: {weight.numel()} elements are not a multiple of the block size {block}")
-    w = weight.float().reshape(-1, block)
+    flat = weight.float().reshape(-1)
+    pad = nf4_blocks(flat.numel(), block) * block - flat.numel()
+    w = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, block)
     absmax = w.abs().amax(dim=1)
     absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     normed = (w / absmax[:, None]).reshape(-1)
@@ -61,4 +69,4 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape, block: int
     levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=packed.device)
     idx = torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1).long()
     values = levels[idx].reshape(-1, block) * absmax[:, None]
-    return values.reshape(shape).to(dtype)
+    return values.reshape(-1)[:math.prod(shape)].reshape(shape).to(dtype)

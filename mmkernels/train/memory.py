@@ -1,7 +1,8 @@
 """`mmkernels train --estimate`: the expected peak memory of a run, split into weights, gradients, optimizer
 state, activations and logits, from the shapes alone (the model is built on the meta device).
 
-    weights      every parameter at its dtype (frozen base in `dtype`, trainable parameters in float32)
+    weights      every parameter and buffer at its dtype (frozen base in `dtype`, or QPaCA's quantized base
+                 and full-precision columns; trainable parameters in float32; rope tables, column indices)
     gradients    float32, trainable parameters only
     optimizer    AdamW: two float32 moments per trainable parameter
     activations  what the forward saves for the backward, for one micro-batch of batch_size x max_len
@@ -64,7 +65,8 @@ def estimate(cfg: TrainConfig) -> Dict[str, int]:
             vision = VisionTower.from_config(vision_config).to(dtype)
         method_specs.get(cfg.method).apply(model, cfg.method_options, vision)
     params = list(model.parameters()) + ([] if vision is None else list(vision.parameters()))
-    weights = sum(p.numel() * p.element_size() for p in params)
+    buffers = list(model.buffers()) + ([] if vision is None else list(vision.buffers()))
+    weights = sum(t.numel() * t.element_size() for t in params + buffers)
     trainable = sum(p.numel() for p in params if p.requires_grad)
     act_bytes = torch.empty(0, dtype=dtype).element_size()
     tokens = cfg.batch_size * cfg.max_len

@@ -162,6 +162,12 @@ def build_optimizer(spec: method_specs.MethodSpec, model: Llama, groups: List[Di
     return optimizer
 
 
+def model_numel(model: nn.Module) -> int:
+    """The model's parameter count, with a base weight held quantized in buffers (QPaCA) counted as the
+    elements it stands for (`quantized_numel`), so trainable percentages compare across methods."""
+    return sum(p.numel() for p in model.parameters()) + sum(getattr(m, "quantized_numel", 0) for m in model.modules())
+
+
 def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
     return type(optimizer).__name__
 
@@ -360,7 +366,7 @@ class Run:
         if cfg.resume and not resumed and say:
             print(f"resume: no checkpoint in {ckpt.checkpoint_dir(cfg.out_dir)}; starting at step 0", flush=True)
         n_train = sum(p.numel() for p in self.params.values())
-        n_all = sum(p.numel() for p in self.model.parameters())
+        n_all = model_numel(self.model)
         if say:
             print(f"mmkernels train: {cfg.method} on {self.model.config.num_hidden_layers}-layer LLaMA "
                   f"(hidden {self.model.config.hidden_size}) on {self.device}, {self.dtype}; trainable "
