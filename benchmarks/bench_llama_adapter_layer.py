@@ -274,30 +274,15 @@ def run_case(provider: str, shape, mode: str, dtype, warmup: int, rep: int, copy
 
 
 def run(args) -> int:
-    dtype = runner.DTYPES[args.dtype]
-    shapes = PRESETS[args.shapes or "default"]
-    if args.quick and args.shapes is None:
-        shapes = shapes[:1]
-    warmup, rep = (5, 20) if args.quick else (25, 100)
-    env = runner.env_info()
-    out = runner.results_path(args.out, env["gpu"])
-    print(f"{env['gpu']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  -> {out}")
-    ref_rows = [runner.measure_copy(env, warmup, rep), runner.measure_matmul(env, warmup, rep)]
-    runner.append_rows(out, ref_rows)
-    for row in ref_rows:
-        print(runner._fmt(row))
-    copy_gbps, matmul_tflops = ref_rows[0]["gbps"], ref_rows[1]["tflops"]
+    s = runner.begin(args, PRESETS)
     errors, noted = 0, set()
-    for shape in shapes:
+    for shape in s.shapes:
         print(f"--- {OP} {shape} {args.dtype}")
         for provider in args.providers:
             for mode in args.modes:
-                errors += runner.record_case(out, noted, provider, mode, shape, lambda: run_case(
-                    provider, shape, mode, dtype, warmup, rep, copy_gbps, env, matmul_tflops))
-    if errors:
-        print(f"{errors} mmkernels case(s) failed")
-        return 1
-    return 0
+                errors += runner.record_case(s.out, noted, provider, mode, shape, lambda: run_case(
+                    provider, shape, mode, s.dtype, s.warmup, s.rep, s.copy_gbps, s.env, s.matmul_tflops))
+    return runner.finish(errors)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -363,12 +348,7 @@ def smoke() -> List[str]:
         against = "peft" if want_out is not None else "nothing (no PEFT)"
         print(f"smoke: {OP} {shape}: checked {', '.join(checked) or 'nothing'} against {against}")
     print("smoke: provider peft_compile not run on CPU (torch.compile of the layer is left to the GPU run)")
-    for shapes in PRESETS.values():
-        for shape in shapes:
-            for mode in runner.MODES:
-                if not flops(shape, mode) > 0:
-                    failures.append(f"{OP} {shape} {mode}: non-positive FLOP count")
-    return failures
+    return failures + runner.flop_failures(OP, PRESETS, flops, runner.MODES)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

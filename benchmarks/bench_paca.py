@@ -292,33 +292,18 @@ def print_weight_bytes(providers: List[str], shape: Dict[str, Any], dtype: torch
 
 
 def run(args) -> int:
-    dtype = runner.DTYPES[args.dtype]
-    shapes = PRESETS[args.shapes or "default"]
-    if args.quick and args.shapes is None:
-        shapes = shapes[:1]
-    warmup, rep = (5, 20) if args.quick else (25, 100)
-    env = runner.env_info()
-    out = runner.results_path(args.out, env["gpu"])
-    print(f"{env['gpu']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  -> {out}")
-    ref_rows = [runner.measure_copy(env, warmup, rep), runner.measure_matmul(env, warmup, rep)]
-    runner.append_rows(out, ref_rows)
-    for row in ref_rows:
-        print(runner._fmt(row))
-    copy_gbps, matmul_tflops = ref_rows[0]["gbps"], ref_rows[1]["tflops"]
+    s = runner.begin(args, PRESETS)
     print(f"LLaMA-7B weights under QPaCA-NF4 r={QPACA_RANK}: {llama7b_weight_bytes() / 2**30:.2f} GiB "
           f"(bf16 frozen: {llama7b_weight_bytes('frozen') / 2**30:.2f} GiB; activations and optimizer state not included)")
     errors, noted = 0, set()
-    for shape in shapes:
+    for shape in s.shapes:
         print(f"--- {OP} {shape} {args.dtype}")
-        print_weight_bytes(args.providers, shape, dtype)
+        print_weight_bytes(args.providers, shape, s.dtype)
         for provider in args.providers:
             for mode in args.modes:
-                errors += runner.record_case(out, noted, provider, mode, shape, lambda: run_case(
-                    provider, shape, mode, dtype, warmup, rep, copy_gbps, env, matmul_tflops))
-    if errors:
-        print(f"{errors} mmkernels case(s) failed")
-        return 1
-    return 0
+                errors += runner.record_case(s.out, noted, provider, mode, shape, lambda: run_case(
+                    provider, shape, mode, s.dtype, s.warmup, s.rep, s.copy_gbps, s.env, s.matmul_tflops))
+    return runner.finish(errors)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -431,12 +416,7 @@ def smoke() -> List[str]:
                 except Exception as exc:
                     failures.append(f"{OP} {shape} {provider} {mode} closure: {type(exc).__name__}: {exc}")
         print(f"smoke: {OP} {shape}: checked {', '.join(checked) or 'nothing'}")
-    for shapes in PRESETS.values():
-        for shape in shapes:
-            for mode in runner.MODES:
-                if not flops(shape, mode) > 0:
-                    failures.append(f"{OP} {shape} {mode}: non-positive FLOP count")
-    return failures
+    return failures + runner.flop_failures(OP, PRESETS, flops, runner.MODES)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

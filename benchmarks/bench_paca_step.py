@@ -182,45 +182,19 @@ def run_case(provider: str, shape, dtype, warmup: int, rep: int, copy_gbps, env,
 
 
 def run(args) -> int:
-    dtype = runner.DTYPES[args.dtype]
-    shapes = PRESETS[args.shapes or "default"]
-    if args.quick and args.shapes is None:
-        shapes = shapes[:1]
-    warmup, rep = (5, 20) if args.quick else (25, 100)
-    if args.modes != list(runner.MODES):
-        print(f"note: --modes is not used here: every case is one training step (mode {MODE!r})")
-    env = runner.env_info()
-    out = runner.results_path(args.out, env["gpu"])
-    print(f"{env['gpu']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  -> {out}")
-    ref_rows = [runner.measure_copy(env, warmup, rep), runner.measure_matmul(env, warmup, rep)]
-    runner.append_rows(out, ref_rows)
-    for row in ref_rows:
-        print(runner._fmt(row))
-    copy_gbps, matmul_tflops = ref_rows[0]["gbps"], ref_rows[1]["tflops"]
+    s = runner.begin(args, PRESETS, step_mode=MODE)
     errors, noted = 0, set()
-    for shape in shapes:
+    for shape in s.shapes:
         print(f"--- {OP} {shape} {args.dtype}")
         for provider in args.providers:
-            errors += runner.record_case(out, noted, provider, MODE, shape, lambda: run_case(
-                provider, shape, dtype, warmup, rep, copy_gbps, env, matmul_tflops))
-    if errors:
-        print(f"{errors} mmkernels case(s) failed")
-        return 1
-    return 0
+            errors += runner.record_case(s.out, noted, provider, MODE, shape, lambda: run_case(
+                provider, shape, s.dtype, s.warmup, s.rep, s.copy_gbps, s.env, s.matmul_tflops))
+    return runner.finish(errors)
 
 
 # ----------------------------------------------------------------------------------------------------
 # CPU: correctness smoke
 # ----------------------------------------------------------------------------------------------------
-
-
-def _close(name: str, got: List[float], want: List[float]) -> Optional[str]:
-    return runner._compare(name, [torch.tensor(got)], [torch.tensor(want)])
-
-
-def _losses(case: Case, ids: torch.Tensor, steps: int) -> List[float]:
-    with case.context():
-        return [case.step(ids).item() for _ in range(steps)]
 
 
 def smoke(steps: int = 2, lr: float = 1e-2, backends: Optional[List[str]] = None) -> List[str]:
@@ -248,7 +222,7 @@ def smoke(steps: int = 2, lr: float = 1e-2, backends: Optional[List[str]] = None
 
     def losses(provider, **kw) -> Optional[List[float]]:
         try:
-            return _losses(make_case(provider, shape, dtype, device, lr=lr, **kw), ids, steps)
+            return make_case(provider, shape, dtype, device, lr=lr, **kw).losses(ids, steps)
         except Exception as exc:
             failures.append(f"{OP} {provider} {kw or ''}: {type(exc).__name__}: {exc}")
             return None
@@ -270,8 +244,8 @@ def smoke(steps: int = 2, lr: float = 1e-2, backends: Optional[List[str]] = None
                 for n, p in ours_case.model.named_parameters():
                     if n.endswith(".lora_A"):
                         p.copy_(peft_a[f"base_model.model.model.{n[:-len('.lora_A')]}.lora_A.default.weight"])
-            runs["peft"] = _losses(peft_case, ids, steps)
-            runs["lora with PEFT's A"] = _losses(ours_case, ids, steps)
+            runs["peft"] = peft_case.losses(ids, steps)
+            runs["lora with PEFT's A"] = ours_case.losses(ids, steps)
         except Exception as exc:
             failures.append(f"{OP} PEFT vs ours LoRA: {type(exc).__name__}: {exc}")
     for name, got in runs.items():
@@ -279,12 +253,12 @@ def smoke(steps: int = 2, lr: float = 1e-2, backends: Optional[List[str]] = None
             continue
         checked.append(name)
         if base_loss is not None:  # zero-init adapters: step 0 is the plain model
-            err = _close(f"{OP} {name} step-0 loss vs transformers", got[:1], [base_loss])
+            err = runner.compare_losses(f"{OP} {name} step-0 loss vs transformers", got[:1], [base_loss])
             if err:
                 failures.append(err)
     if runs.get("peft") is not None and runs.get("lora with PEFT's A") is not None:
-        err = _close(f"{OP} mmkernels LoRA vs PEFT LoRA losses over {steps} steps", runs["lora with PEFT's A"],
-                     runs["peft"])
+        err = runner.compare_losses(f"{OP} mmkernels LoRA vs PEFT LoRA losses over {steps} steps",
+                                    runs["lora with PEFT's A"], runs["peft"])
         if err:
             failures.append(err)
     paca_ref = runs.get("paca[reference]")
@@ -293,16 +267,12 @@ def smoke(steps: int = 2, lr: float = 1e-2, backends: Optional[List[str]] = None
             failures.append(f"{OP} PaCA did not lower the loss: {paca_ref}")
         for name in ("paca[triton]", "paca[reference, torch AdamW + sync]"):
             if runs.get(name) is not None:
-                err = _close(f"{OP} {name} vs paca[reference] losses", runs[name], paca_ref)
+                err = runner.compare_losses(f"{OP} {name} vs paca[reference] losses", runs[name], paca_ref)
                 if err:
                     failures.append(err)
     print(f"smoke: {OP} {shape}: checked {', '.join(checked) or 'nothing'}"
           + ("" if base_loss is None else " against transformers (step 0) and PEFT LoRA (every step)"))
-    for shapes in PRESETS.values():
-        for s in shapes:
-            if not flops(s) > 0:
-                failures.append(f"{OP} {s}: non-positive FLOP count")
-    return failures
+    return failures + runner.flop_failures(OP, PRESETS, flops)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -282,39 +282,22 @@ def depth_summary(rows: List[Dict[str, Any]], depth: int = FULL_DEPTH) -> List[s
 
 
 def run(args) -> int:
-    dtype = runner.DTYPES[args.dtype]
-    shapes = PRESETS[args.shapes or "default"]
-    if args.quick and args.shapes is None:
-        shapes = shapes[:1]
-    warmup, rep = (5, 20) if args.quick else (25, 100)
-    if args.modes != list(runner.MODES):
-        print(f"note: --modes is not used here: every case is one training step (mode {MODE!r})")
-    env = runner.env_info()
-    out = runner.results_path(args.out, env["gpu"])
-    print(f"{env['gpu']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  -> {out}")
-    ref_rows = [runner.measure_copy(env, warmup, rep), runner.measure_matmul(env, warmup, rep)]
-    runner.append_rows(out, ref_rows)
-    for row in ref_rows:
-        print(runner._fmt(row))
-    copy_gbps, matmul_tflops = ref_rows[0]["gbps"], ref_rows[1]["tflops"]
+    s = runner.begin(args, PRESETS, step_mode=MODE)
     errors, noted, rows = 0, set(), []
 
-    for shape in shapes:
+    for shape in s.shapes:
         print(f"--- {OP} {shape} {args.dtype}")
         for provider in args.providers:
 
             def measure(provider=provider, shape=shape):
-                row = run_case(provider, shape, dtype, warmup, rep, copy_gbps, env, matmul_tflops)
+                row = run_case(provider, shape, s.dtype, s.warmup, s.rep, s.copy_gbps, s.env, s.matmul_tflops)
                 rows.append(row)
                 return row
 
-            errors += runner.record_case(out, noted, provider, MODE, shape, measure)
+            errors += runner.record_case(s.out, noted, provider, MODE, shape, measure)
     for line in depth_summary(rows):
         print(line)
-    if errors:
-        print(f"{errors} mmkernels case(s) failed")
-        return 1
-    return 0
+    return runner.finish(errors)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -323,15 +306,6 @@ def run(args) -> int:
 
 _PEFT_PROMPT = re.compile(r"\.layers\.(\d+)\.self_attn\.adaption_prompt$")
 PARITY_OURS, PARITY_PEFT = "v2 in PEFT's form", f"peft (gate {PARITY_GATE}, o_proj bias frozen)"
-
-
-def _close(name: str, got: List[float], want: List[float]) -> Optional[str]:
-    return runner._compare(name, [torch.tensor(got)], [torch.tensor(want)])
-
-
-def _losses(case: Case, ids: torch.Tensor, steps: int) -> List[float]:
-    with case.context():
-        return [case.step(ids).item() for _ in range(steps)]
 
 
 @torch.no_grad()
@@ -368,7 +342,7 @@ def parity_losses(shape: Dict[str, Any], ids: torch.Tensor, steps: int, backend:
     to_peft_form(ours, peft)
     for case in (peft, ours):
         case.optimizer = torch.optim.SGD([p for p in case.model.parameters() if p.requires_grad], lr=PARITY_SGD_LR)
-    return _losses(ours, ids, steps), _losses(peft, ids, steps)
+    return ours.losses(ids, steps), peft.losses(ids, steps)
 
 
 def smoke(steps: int = 3, lr: float = 1e-2, backends: Optional[List[str]] = None) -> List[str]:
@@ -403,11 +377,11 @@ def smoke(steps: int = 3, lr: float = 1e-2, backends: Optional[List[str]] = None
             failures.append(f"{OP} {label}: {type(exc).__name__}: {exc}")
 
     for b in backends:
-        record(f"v2[{b}]", lambda: _losses(make_case(f"mmkernels_v2:{b}", shape, dtype, device, lr=lr), ids, steps))
+        record(f"v2[{b}]", lambda: make_case(f"mmkernels_v2:{b}", shape, dtype, device, lr=lr).losses(ids, steps))
     record("v2_ckpt[reference]",
-           lambda: _losses(make_case("mmkernels_v2_ckpt:reference", shape, dtype, device, lr=lr), ids, steps))
+           lambda: make_case("mmkernels_v2_ckpt:reference", shape, dtype, device, lr=lr).losses(ids, steps))
     if base_loss is not None:
-        record("peft", lambda: _losses(make_case("peft_adaption_prompt", shape, dtype, device, lr=lr), ids, steps))
+        record("peft", lambda: make_case("peft_adaption_prompt", shape, dtype, device, lr=lr).losses(ids, steps))
 
         def pair():
             ours, runs[PARITY_PEFT] = parity_losses(shape, ids, steps)
@@ -418,25 +392,21 @@ def smoke(steps: int = 3, lr: float = 1e-2, backends: Optional[List[str]] = None
     for label, got in runs.items():
         # Zero-init gates, unit scales, zero biases: step 0 is the plain model (not in the parity pair).
         if base_loss is not None and label not in (PARITY_OURS, PARITY_PEFT):
-            err = _close(f"{OP} {label} step-0 loss vs transformers", got[:1], [base_loss])
+            err = runner.compare_losses(f"{OP} {label} step-0 loss vs transformers", got[:1], [base_loss])
             if err:
                 failures.append(err)
-        if len(got) > 1 and _close("", got[1:2], got[:1]) is None:
+        if len(got) > 1 and runner.compare_losses("", got[1:2], got[:1]) is None:
             failures.append(f"{OP} {label}: the loss did not move after an optimizer step: {got}")
     pairs = [(f"v2[{b}]", "v2[reference]") for b in backends if b != "reference"]
     pairs += [("v2_ckpt[reference]", "v2[reference]"), (PARITY_OURS, PARITY_PEFT)]
     for label, want in pairs:
         if label in runs and want in runs:
-            err = _close(f"{OP} {label} vs {want} losses over {steps} steps", runs[label], runs[want])
+            err = runner.compare_losses(f"{OP} {label} vs {want} losses over {steps} steps", runs[label], runs[want])
             if err:
                 failures.append(err)
     print(f"smoke: {OP} {shape}: checked {', '.join(runs) or 'nothing'}"
           + ("" if base_loss is None else " against transformers (step 0) and PEFT AdaptionPrompt (every step)"))
-    for presets in PRESETS.values():
-        for s in presets:
-            if not flops(s) > 0:
-                failures.append(f"{OP} {s}: non-positive FLOP count")
-    return failures
+    return failures + runner.flop_failures(OP, PRESETS, flops)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -448,6 +448,16 @@ class StepCase:
     def trainable(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
+    def losses(self, ids: torch.Tensor, steps: int) -> List[float]:
+        """The losses of `steps` training steps on `ids` (the smokes compare runs by them)."""
+        with self.context():
+            return [self.step(ids).item() for _ in range(steps)]
+
+
+def compare_losses(name: str, got: List[float], want: List[float]) -> Optional[str]:
+    """A failure line when two loss curves differ beyond the smoke tolerance, else None."""
+    return _compare(name, [torch.tensor(got)], [torch.tensor(want)])
+
 
 def time_step_case(case: StepCase, ids: torch.Tensor, *, op: str, mode: str, provider: str, shape, dtype, warmup: int,
                    rep: int, copy_gbps, env, matmul_tflops, flops: float):
@@ -740,34 +750,72 @@ def record_case(out: str, noted: set, provider: str, mode: str, shape: Dict[str,
         _free()
     return 0
 
+@dataclasses.dataclass
+class Session:
+    """What every timed case of one script run shares: the dtype and shapes asked for, the repetitions, the
+    environment, the results file and the device's measured copy bandwidth and matmul peak."""
+    dtype: torch.dtype
+    shapes: List[Dict[str, Any]]
+    warmup: int
+    rep: int
+    env: Dict[str, Any]
+    out: Path
+    copy_gbps: float
+    matmul_tflops: float
+
+
+def begin(args: argparse.Namespace, presets: Dict[str, List[Dict[str, Any]]],
+          step_mode: Optional[str] = None) -> Session:
+    """Resolve the arguments, print the environment and record the copy and matmul reference rows. step_mode:
+    the one mode of a script whose every case is a training step (a --modes choice is then noted unused)."""
+    shapes = presets[args.shapes or "default"]
+    if args.quick and args.shapes is None:
+        shapes = shapes[:1]
+    warmup, rep = (5, 20) if args.quick else (25, 100)
+    if step_mode is not None and args.modes != list(MODES):
+        print(f"note: --modes is not used here: every case is one training step (mode {step_mode!r})")
+    env = env_info()
+    out = results_path(args.out, env["gpu"])
+    print(f"{env['gpu']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  -> {out}")
+    ref_rows = [measure_copy(env, warmup, rep), measure_matmul(env, warmup, rep)]
+    append_rows(out, ref_rows)
+    for row in ref_rows:
+        print(_fmt(row))
+    return Session(DTYPES[args.dtype], shapes, warmup, rep, env, out, ref_rows[0]["gbps"], ref_rows[1]["tflops"])
+
+
 def main(bench: Bench, argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(bench, argv)
     if not HAS_CUDA:
         return report_smoke(smoke(bench))
 
-    dtype = DTYPES[args.dtype]
-    shapes = bench.presets[args.shapes or "default"]
-    if args.quick and args.shapes is None:
-        shapes = shapes[:1]
-    warmup, rep = (5, 20) if args.quick else (25, 100)
-    env = env_info()
-    out = results_path(args.out, env["gpu"])
-    print(f"{env['gpu']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  -> {out}")
-
-    ref_rows = [measure_copy(env, warmup, rep), measure_matmul(env, warmup, rep)]
-    append_rows(out, ref_rows)
-    for row in ref_rows:
-        print(_fmt(row))
-    copy_gbps, matmul_tflops = ref_rows[0]["gbps"], ref_rows[1]["tflops"]
-
+    s = begin(args, bench.presets)
     errors = 0
     noted = set()
-    for shape in shapes:
+    for shape in s.shapes:
         print(f"--- {bench.op} {shape} {args.dtype}")
         for provider in args.providers:
             for mode in args.modes:
-                errors += record_case(out, noted, provider, mode, shape, lambda: run_case(
-                    bench, provider, shape, mode, dtype, warmup, rep, copy_gbps, env, matmul_tflops))
+                errors += record_case(s.out, noted, provider, mode, shape, lambda: run_case(
+                    bench, provider, shape, mode, s.dtype, s.warmup, s.rep, s.copy_gbps, s.env, s.matmul_tflops))
+    return finish(errors)
+
+
+def flop_failures(op: str, presets: Dict[str, List[Dict[str, Any]]], flops: Callable[..., float],
+                  modes: Optional[Sequence[str]] = None) -> List[str]:
+    """A failure line per preset shape (and mode, for flops(shape, mode)) whose FLOP count is not positive;
+    modes None: a training-step script, flops(shape)."""
+    failures = []
+    for shapes in presets.values():
+        for shape in shapes:
+            for mode in (None,) if modes is None else modes:
+                if not (flops(shape) if mode is None else flops(shape, mode)) > 0:
+                    failures.append(f"{op} {shape}{'' if mode is None else ' ' + mode}: non-positive FLOP count")
+    return failures
+
+
+def finish(errors: int) -> int:
+    """A script's exit status: 1 (said) when some mmkernels case failed."""
     if errors:
         print(f"{errors} mmkernels case(s) failed")
         return 1

@@ -247,6 +247,14 @@ def _rows_for_plot():
     return rows
 
 
+def test_flop_failures_name_each_shape_and_mode():
+    presets = {"default": [{"d": 8}], "target": [{"d": 0}]}
+    assert runner.flop_failures("op", presets, lambda shape, mode: shape["d"] * (mode == "fwd"), ("fwd", "bwd")) == [
+        "op {'d': 8} bwd: non-positive FLOP count", "op {'d': 0} fwd: non-positive FLOP count",
+        "op {'d': 0} bwd: non-positive FLOP count"]
+    assert runner.flop_failures("step", presets, lambda shape: shape["d"]) == ["step {'d': 0}: non-positive FLOP count"]
+
+
 def test_plot_grouping_last_row_wins():
     figures, refs = plot.group_rows(_rows_for_plot())
     assert list(refs["Test GPU"]) == ["copy"]

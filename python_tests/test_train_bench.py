@@ -89,7 +89,7 @@ def test_parity_catches_a_wrong_norm_weight_gradient(monkeypatch):
     rms_ops = importlib.import_module("mmkernels.ops.rms_norm")  # mmkernels.ops.rms_norm is also a function
     ids = bts.make_ids(bts.SMOKE_SHAPE, CPU)
     ours, peft = bts.parity_losses(bts.SMOKE_SHAPE, ids, steps=2)
-    assert bts._close("parity", ours, peft) is None and peft[1] < peft[0] - 0.1, (ours, peft)
+    assert runner.compare_losses("parity", ours, peft) is None and peft[1] < peft[0] - 0.1, (ours, peft)
     right = rms_ops.ref.rms_norm_backward
 
     def wrong(dy, h, w, rstd, dh_extra=None):
@@ -98,7 +98,7 @@ def test_parity_catches_a_wrong_norm_weight_gradient(monkeypatch):
 
     monkeypatch.setattr(rms_ops.ref, "rms_norm_backward", wrong)
     bad, _ = bts.parity_losses(bts.SMOKE_SHAPE, ids, steps=2)
-    assert bad[0] == ours[0] and bts._close("parity", bad, peft) is not None, (bad, peft)
+    assert bad[0] == ours[0] and runner.compare_losses("parity", bad, peft) is not None, (bad, peft)
 
 
 def _trainable(case):
