@@ -21,10 +21,10 @@ BENCH = REPO / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import runner  # noqa: E402
+from _fake_gpu import ENV, fake_gpu  # noqa: E402
 import plot  # noqa: E402
 
 NO_GPU = "no GPU: timings are measured only on a GPU; correctness smoke passed"
-ENV = {"gpu": "Test GPU", "torch": "t", "triton": "t", "commit": "abc1234"}
 
 
 def _cpu_env():
@@ -309,23 +309,7 @@ def test_timing_loop_plumbing_on_cpu(op, providers, tmp_path, monkeypatch, capsy
         providers = providers.replace(",liger", "")  # the skip note is checked only where Liger is absent
     mod = importlib.import_module(f"bench_{op}")
     calls = []
-
-    def fake_bench(fn, *, warmup, rep, grad_to_none=None):
-        fn()
-        calls.append(grad_to_none)
-        return [1.0, 0.5, 2.0]
-
-    def fake_peak(fn, leaves):
-        fn()
-        return 0.0
-
-    monkeypatch.setattr(runner, "HAS_CUDA", True)
-    monkeypatch.setattr(runner, "DEVICE", "cpu")
-    monkeypatch.setattr(runner, "time_fn", fake_bench)
-    monkeypatch.setattr(runner, "peak_memory_mb", fake_peak)
-    monkeypatch.setattr(runner, "env_info", lambda: dict(ENV))
-    monkeypatch.setattr(runner, "COPY_BYTES", 1 << 12)
-    monkeypatch.setattr(runner, "MATMUL_MNK", (16, 16, 16))
+    fake_gpu(monkeypatch, runner, calls)
     bench = dataclasses.replace(mod.BENCH, presets={"default": mod.BENCH.smoke_shapes[:1]})
     rc = runner.main(bench, ["--out", str(tmp_path), "--providers", providers, "--quick"])
     printed = capsys.readouterr().out
@@ -377,19 +361,7 @@ def test_own_main_timing_loop_on_cpu(script, providers, modes, tmp_path, monkeyp
         shapes = mod.BENCH.smoke_shapes[:2]  # with and without the prompt
         monkeypatch.setattr(mod, "BENCH", dataclasses.replace(mod.BENCH, presets={"default": shapes, "target": shapes}))
     calls = []
-
-    def fake_bench(fn, *, warmup, rep, grad_to_none=None):
-        fn()
-        calls.append(grad_to_none)
-        return [1.0, 0.5, 2.0]
-
-    monkeypatch.setattr(runner, "HAS_CUDA", True)
-    monkeypatch.setattr(runner, "DEVICE", "cpu")
-    monkeypatch.setattr(runner, "time_fn", fake_bench)
-    monkeypatch.setattr(runner, "peak_memory_mb", lambda fn, leaves: (fn(), 0.0)[1])
-    monkeypatch.setattr(runner, "env_info", lambda: dict(ENV))
-    monkeypatch.setattr(runner, "COPY_BYTES", 1 << 12)
-    monkeypatch.setattr(runner, "MATMUL_MNK", (16, 16, 16))
+    fake_gpu(monkeypatch, runner, calls)
     rc = mod.main(["--out", str(tmp_path), "--providers", providers, "--quick"])
     printed = capsys.readouterr().out
     assert rc == 0, printed

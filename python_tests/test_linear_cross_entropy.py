@@ -327,18 +327,9 @@ def test_bench_timing_loop_plumbing_on_cpu(tmp_path, monkeypatch, capsys):
     sys.path.insert(0, str(BENCH))
     import runner
     import bench_linear_cross_entropy as mod
+    from _fake_gpu import fake_gpu
 
-    def fake_time(fn, *, warmup, rep, grad_to_none=None):
-        fn()
-        return [1.0, 0.5, 2.0]
-
-    monkeypatch.setattr(runner, "HAS_CUDA", True)
-    monkeypatch.setattr(runner, "DEVICE", "cpu")
-    monkeypatch.setattr(runner, "time_fn", fake_time)
-    monkeypatch.setattr(runner, "peak_memory_mb", lambda fn, leaves: (fn(), 0.0)[1])
-    monkeypatch.setattr(runner, "env_info", lambda: {"gpu": "Test GPU", "torch": "t", "triton": "t", "commit": "c"})
-    monkeypatch.setattr(runner, "COPY_BYTES", 1 << 12)
-    monkeypatch.setattr(runner, "MATMUL_MNK", (16, 16, 16))
+    fake_gpu(monkeypatch, runner)
     bench = dataclasses.replace(mod.BENCH, presets={"default": mod.BENCH.smoke_shapes[:1]})
     rc = runner.main(bench, ["--out", str(tmp_path), "--providers", "mmkernels,eager,liger", "--quick"])
     printed = capsys.readouterr().out

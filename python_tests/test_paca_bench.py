@@ -16,10 +16,10 @@ BENCH = REPO / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import runner  # noqa: E402
+from _fake_gpu import fake_gpu  # noqa: E402
 import bench_paca  # noqa: E402
 import bench_paca_step  # noqa: E402
 
-ENV = {"gpu": "Test GPU", "torch": "t", "triton": "t", "commit": "abc1234"}
 
 
 def _cpu_main(module, tmp_path, monkeypatch, capsys):
@@ -148,24 +148,6 @@ def test_provider_names_and_flops():
     assert bench_paca_step.flops(bench_paca_step.TARGET) == 2 * linear + 3.5 * attn
 
 
-def _fake_gpu(monkeypatch):
-    def fake_bench(fn, *, warmup, rep, grad_to_none=None):
-        fn()
-        return [1.0, 0.5, 2.0]
-
-    def fake_peak(fn, leaves):
-        fn()
-        return 0.0
-
-    monkeypatch.setattr(runner, "HAS_CUDA", True)
-    monkeypatch.setattr(runner, "DEVICE", "cpu")
-    monkeypatch.setattr(runner, "time_fn", fake_bench)
-    monkeypatch.setattr(runner, "peak_memory_mb", fake_peak)
-    monkeypatch.setattr(runner, "env_info", lambda: dict(ENV))
-    monkeypatch.setattr(runner, "COPY_BYTES", 1 << 12)
-    monkeypatch.setattr(runner, "MATMUL_MNK", (16, 16, 16))
-
-
 def _check_rows(tmp_path, op, expected):
     rows = runner.read_rows(tmp_path / "test-gpu.jsonl")
     assert [r["op"] for r in rows[:2]] == ["copy", "matmul"]
@@ -179,7 +161,7 @@ def _check_rows(tmp_path, op, expected):
 def test_paca_case_loop_plumbing_on_cpu(tmp_path, monkeypatch, capsys):
     """Drives bench_paca's GPU branch on CPU with a tiny shape and a fake clock: every provider x mode case
     builds, runs and writes a well-formed row."""
-    _fake_gpu(monkeypatch)
+    fake_gpu(monkeypatch, runner)
     monkeypatch.setattr(bench_paca, "PRESETS", {"default": bench_paca.SMOKE_SHAPES[:1]})
     rc = bench_paca.main(["--out", str(tmp_path), "--quick", "--dtype", "fp32"])
     printed = capsys.readouterr().out
@@ -192,7 +174,7 @@ def test_paca_case_loop_plumbing_on_cpu(tmp_path, monkeypatch, capsys):
 
 
 def test_step_case_loop_plumbing_on_cpu(tmp_path, monkeypatch, capsys):
-    _fake_gpu(monkeypatch)
+    fake_gpu(monkeypatch, runner)
     monkeypatch.setattr(bench_paca_step, "PRESETS", {"default": [bench_paca_step.SMOKE_SHAPE]})
     rc = bench_paca_step.main(["--out", str(tmp_path), "--quick", "--dtype", "fp32"])
     printed = capsys.readouterr().out

@@ -17,9 +17,9 @@ BENCH = REPO / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import runner  # noqa: E402
+from _fake_gpu import fake_gpu  # noqa: E402
 import bench_train_step as bts  # noqa: E402
 
-ENV = {"gpu": "Test GPU", "torch": "t", "triton": "t", "commit": "abc1234"}
 CPU = torch.device("cpu")
 
 
@@ -165,17 +165,7 @@ def test_case_loop_plumbing_on_cpu(tmp_path, monkeypatch, capsys):
     a well-formed row; the depth summary is printed. (mmkernels_v2_ckpt differs from mmkernels_v2 only by the
     flag that test_providers_train_v2_and_its_peft_equivalent checks.)"""
 
-    def fake_bench(fn, *, warmup, rep, grad_to_none=None):
-        fn()
-        return [1.0, 0.5, 2.0]
-
-    monkeypatch.setattr(runner, "HAS_CUDA", True)
-    monkeypatch.setattr(runner, "DEVICE", "cpu")
-    monkeypatch.setattr(runner, "time_fn", fake_bench)
-    monkeypatch.setattr(runner, "peak_memory_mb", lambda fn, leaves: (fn(), 0.0)[1])
-    monkeypatch.setattr(runner, "env_info", lambda: dict(ENV))
-    monkeypatch.setattr(runner, "COPY_BYTES", 1 << 12)
-    monkeypatch.setattr(runner, "MATMUL_MNK", (16, 16, 16))
+    fake_gpu(monkeypatch, runner)
     shapes = [dict(bts.SMOKE_SHAPE, layers=1), bts.SMOKE_SHAPE]
     monkeypatch.setattr(bts, "PRESETS", {"default": shapes})
     providers = ("mmkernels_v2", "peft_adaption_prompt")
