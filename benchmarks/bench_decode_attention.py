@@ -46,7 +46,6 @@ import runner  # sets TRITON_INTERPRET on a machine without GPU before mmkernels
 import mmkernels
 import bench_attention
 from bench_gated_attention import _sdpa_prompt
-from mmkernels import backend as mmk_backend
 from mmkernels.reference import attention as attn_ref
 from mmkernels.reference import gated_attention as gated_ref
 
@@ -146,12 +145,7 @@ def smoke() -> List[str]:
     """Forward-only counterpart of runner.smoke (which also checks gradients and the bwd closures)."""
     device = torch.device("cpu")
     failures: List[str] = []
-    backends = ["reference"]
-    ok, why = mmk_backend.availability("triton", OP, device)
-    if ok:
-        backends.append("triton")
-    else:
-        print(f"smoke: triton backend not checked ({why})")
+    backends = runner.smoke_backends(OP, device)
     notes = set()
     for shape in BENCH.smoke_shapes:
         base = make_inputs(shape, runner.SMOKE_DTYPE, device, runner.generator(device))

@@ -300,12 +300,7 @@ def _fwd_bwd(case: Case) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor
 def smoke() -> List[str]:
     device, dtype = torch.device("cpu"), runner.SMOKE_DTYPE
     failures: List[str] = []
-    backends = ["reference"]
-    ok, why = mmk_backend.availability("triton", ATTN_OP, device)
-    if ok:
-        backends.append("triton")
-    else:
-        print(f"smoke: triton backend not checked ({why})")
+    backends = runner.smoke_backends(ATTN_OP, device)
     for shape in SMOKE_SHAPES:
         try:
             want_out, want_grad = _fwd_bwd(make_case("peft", shape, dtype, device))

@@ -344,12 +344,7 @@ def oracle(case: Case, kind: str) -> Tuple[torch.Tensor, List[torch.Tensor]]:
 def smoke() -> List[str]:
     device, dtype = torch.device("cpu"), runner.SMOKE_DTYPE
     failures: List[str] = []
-    backends = ["reference"]
-    ok, why = mmk_backend.availability("triton", OP, device)
-    if ok:
-        backends.append("triton")
-    else:
-        print(f"smoke: triton backend not checked ({why})")
+    backends = runner.smoke_backends(OP, device)
     noted = set()
     for shape in SMOKE_SHAPES:
         checked = []

@@ -237,11 +237,6 @@ def make_case(provider: str, shape: Dict[str, Any], dtype, device, lr: float = L
     return Case(model, loss_fn, _adamw(model, lr), backend, context)
 
 
-def make_ids(shape: Dict[str, Any], device) -> torch.Tensor:
-    gen = runner.generator(torch.device(device), seed=7)
-    return torch.randint(0, shape["vocab"], (shape["B"], shape["T"]), device=device, generator=gen)
-
-
 # ----------------------------------------------------------------------------------------------------
 # GPU: the case loop
 # ----------------------------------------------------------------------------------------------------
@@ -250,8 +245,8 @@ def make_ids(shape: Dict[str, Any], device) -> torch.Tensor:
 def run_case(provider: str, shape, dtype, warmup: int, rep: int, copy_gbps, env, matmul_tflops=None):
     device = torch.device(runner.DEVICE)
     case = make_case(provider, shape, dtype, device)
-    ms, row = runner.time_step_case(case, make_ids(shape, device), op=OP, mode=MODE, provider=provider, shape=shape,
-                                    dtype=dtype, warmup=warmup, rep=rep, copy_gbps=copy_gbps, env=env,
+    ms, row = runner.time_step_case(case, op=OP, mode=MODE, provider=provider, shape=shape, dtype=dtype,
+                                    warmup=warmup, rep=rep, copy_gbps=copy_gbps, env=env,
                                     matmul_tflops=matmul_tflops, flops=flops(shape))
     print(f"{provider}: {case.trainable():,} trainable parameters; {tokens_per_s(shape, ms[0]):,.0f} tokens/s")
     return row
@@ -349,11 +344,9 @@ def smoke(steps: int = 3, lr: float = 1e-2, backends: Optional[List[str]] = None
     """The failures (empty when the smoke passed). backends: those mmkernels_v2 runs on (default: reference,
     and triton where available); the checkpointed and PEFT-form runs use reference. lr is high enough that
     one step moves the loss well beyond the tolerance."""
-    from mmkernels import backend as mmk_backend
-
     device, dtype, shape = torch.device("cpu"), runner.SMOKE_DTYPE, SMOKE_SHAPE
     failures: List[str] = []
-    ids = make_ids(shape, device)
+    ids = runner.step_ids(shape, device)
     try:
         with torch.no_grad():
             base_loss = build_hf(shape, dtype, device)(input_ids=ids, labels=ids, use_cache=False).loss.item()
@@ -361,12 +354,7 @@ def smoke(steps: int = 3, lr: float = 1e-2, backends: Optional[List[str]] = None
         print(f"smoke: no transformers/PEFT: {OP} not checked against them ({exc})")
         base_loss = None
     if backends is None:
-        backends = ["reference"]
-        ok, why = mmk_backend.availability("triton", ATTN_OP, device)
-        if ok:
-            backends.append("triton")
-        else:
-            print(f"smoke: triton backend not checked ({why})")
+        backends = runner.smoke_backends(ATTN_OP, device)
 
     runs: Dict[str, List[float]] = {}
 

@@ -459,10 +459,17 @@ def compare_losses(name: str, got: List[float], want: List[float]) -> Optional[s
     return _compare(name, [torch.tensor(got)], [torch.tensor(want)])
 
 
-def time_step_case(case: StepCase, ids: torch.Tensor, *, op: str, mode: str, provider: str, shape, dtype, warmup: int,
-                   rep: int, copy_gbps, env, matmul_tflops, flops: float):
-    """(ms quantiles, row) of one whole training step: two untimed steps (optimizer state, autotuning, the
-    allocator), the peak memory of one step, then the timing."""
+def step_ids(shape: Dict[str, Any], device) -> torch.Tensor:
+    """The seeded (B, T) token ids a training-step case trains on (shape keys B, T, vocab)."""
+    gen = generator(torch.device(device), seed=7)
+    return torch.randint(0, shape["vocab"], (shape["B"], shape["T"]), device=device, generator=gen)
+
+
+def time_step_case(case: StepCase, *, op: str, mode: str, provider: str, shape, dtype, warmup: int, rep: int,
+                   copy_gbps, env, matmul_tflops, flops: float):
+    """(ms quantiles, row) of one whole training step on step_ids(shape): two untimed steps (optimizer state,
+    autotuning, the allocator), the peak memory of one step, then the timing."""
+    ids = step_ids(shape, DEVICE)
     with case.context():
 
         def fn():
@@ -603,20 +610,24 @@ def _compare(name: str, got, want) -> Optional[str]:
     return None
 
 
+def smoke_backends(op: str, device: torch.device) -> List[str]:
+    """The mmkernels backends a CPU smoke checks `op` on: reference, and triton where it can run (else said)."""
+    from mmkernels import backend as mmk_backend
+
+    ok, why = mmk_backend.availability("triton", op, device)
+    if not ok:
+        print(f"smoke: triton backend not checked ({why})")
+    return ["reference", "triton"] if ok else ["reference"]
+
+
 def smoke(bench: Bench) -> List[str]:
     """Returns the failures (empty when the smoke passed). float32, CPU, tiny shapes."""
     import mmkernels
-    from mmkernels import backend as mmk_backend
 
     device = torch.device("cpu")
     failures: List[str] = []
     notes = set()
-    backends = ["reference"]
-    ok, why = mmk_backend.availability("triton", bench.op, device)
-    if ok:
-        backends.append("triton")
-    else:
-        print(f"smoke: triton backend not checked ({why})")
+    backends = smoke_backends(bench.op, device)
     for shape in bench.smoke_shapes:
         base = bench.make_inputs(shape, SMOKE_DTYPE, device, generator(device))
         want_out, want_grad = _fwd_bwd(bench.reference, _clone(base))

@@ -87,7 +87,7 @@ def test_parity_catches_a_wrong_norm_weight_gradient(monkeypatch):
     import importlib
 
     rms_ops = importlib.import_module("mmkernels.ops.rms_norm")  # mmkernels.ops.rms_norm is also a function
-    ids = bts.make_ids(bts.SMOKE_SHAPE, CPU)
+    ids = runner.step_ids(bts.SMOKE_SHAPE, CPU)
     ours, peft = bts.parity_losses(bts.SMOKE_SHAPE, ids, steps=2)
     assert runner.compare_losses("parity", ours, peft) is None and peft[1] < peft[0] - 0.1, (ours, peft)
     right = rms_ops.ref.rms_norm_backward
