@@ -4,7 +4,8 @@
 
 W (d_out, d_in) is held as a QuantizedWeight: int8 with a scale per output channel, or NF4 (4-bit
 NormalFloat, two codes per byte) with an absmax per block of `block` elements of the row-major weight, the
-last block zero-padded (reference/quantize.py); any d_in works. The Triton kernels dequantize tiles inside the GEMM; W is never materialised.
+last block zero-padded (reference/quantize.py); any d_in works. The Triton kernels dequantize tiles inside
+the GEMM; W is never materialised.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 int8:  scale[o] = max_i |W[o, i]| / 127,  q = round(W / scale) in [-127, 127],  W ~ q * scale[o].
        Error bound per element: |W - W~| <= scale[o] / 2.
 NF4:   the flattened (row-major) weight is cut into blocks of `block` elements, the last one padded with
-       zeros when `block` does not divide the size (a block may span rows); absmax[k] = max |W| in block k; each
-       element is replaced by the index of the nearest of the 16 NormalFloat4 levels (QLoRA, arXiv
+       zeros when `block` does not divide the size (a block may span rows); absmax[k] = max |W| in block k;
+       each element is replaced by the index of the nearest of the 16 NormalFloat4 levels (QLoRA, arXiv
        2305.14314) to W / absmax[k]; two indices per byte, the first element in the low nibble.
        Error bound per element: |W - W~| <= absmax[k] * NF4_MAX_GAP / 2, NF4_MAX_GAP being the widest gap
        between adjacent levels.

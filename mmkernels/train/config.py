@@ -67,7 +67,8 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "clip the gradient norm of the trainable parameters (0: no clipping)")
     fused_optimizer: bool = _opt(True, "the method's fused optimizer where it has one: PaCA steps with PaCAAdamW "
                                        "(AdamW and the W_eff column write in one pass; not with a quantized base, "
-                                       "which has no columns to write); false: torch AdamW + a separate sync of the columns")
+                                       "which has no columns to write); false: torch AdamW + a separate sync of "
+                                       "the columns")
     seed: int = _opt(0, "seed of the adapter init, the data order and the demo data")
     # memory
     grad_checkpointing: bool = _opt(False, "recompute each block's activations in the backward")
