@@ -169,3 +169,67 @@ def test_compacter_rule_leaves_every_block_its_own_fsdp_group():
         block.mlp.compacter = PHMAdapter(64, 8, 4, phm_rule=rule)
     assert shares_parameters_across_blocks(model, list(model.layers))
 
+
+
+def _qpaca_sharded(rank, port, result):
+    """One of 2 gloo processes: a QPaCA-NF4 model sharded per block by fully_shard; rank 0 reports the
+    storage it holds of the first layer, the loss and the deltas' gradients (gathered)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from mmkernels.methods import paca
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        model, ids = _qpaca_model_and_ids()
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        layer = model.layers[0].mlp.down_proj
+        held = {n: (type(p).__name__, p.to_local().numel(), p.numel()) for n, p in
+                ((n, getattr(layer, n)) for n in layer.quantized_storage)}
+        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        grads = {n: p.grad.full_tensor() for n, p in paca.adapter_parameters(model).items()}
+        if rank == 0:
+            result.update(held=held, loss=loss.item(), grads=grads)
+    finally:
+        dist.destroy_process_group()
+
+
+def _qpaca_model_and_ids():
+    from mmkernels.methods import paca
+    from mmkernels.models.config import LlamaConfig
+    from mmkernels.models.llama import Llama
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=72, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = paca.apply(Llama(cfg), paca.PaCAConfig(rank=4, quantize="nf4", block=32))
+    with torch.no_grad():  # a nonzero delta, so that the columns take part in the check
+        for p in paca.adapter_parameters(model).values():
+            p.normal_(0.0, 0.05)
+    return model, torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def test_fsdp_shards_the_quantized_base_of_qpaca():
+    """QPaCA's NF4 codes, scales and kept columns are frozen parameters, so FSDP2 shards them (buffers would
+    stay whole on every process); the sharded model's loss and delta gradients equal the unsharded model's."""
+    import torch.multiprocessing as mp
+
+    from mmkernels.methods import paca
+
+    with mp.Manager() as manager:
+        result = manager.dict()
+        mp.spawn(_qpaca_sharded, args=(_free_port(), result), nprocs=2, join=True)
+        got = dict(result)
+    for name, (kind, local, whole) in got["held"].items():
+        assert kind == "DTensor" and local == -(-whole // 2), (name, kind, local, whole)
+    model, ids = _qpaca_model_and_ids()
+    loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    assert got["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    for name, p in paca.adapter_parameters(model).items():
+        torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -8,6 +8,8 @@ W carries the quantization error (bounds in reference/quantize.py). The first te
 dequantize-in-GEMM kernels (ops.quantized_linear, forward and dx); the second is an (r)-wide GEMM. The
 backward saves x_I (tokens x r) and nothing that scales with d_in; delta's gradient is s dy^T x_I.
 Unlike PaCALinear there is no sync step: the columns are formed from delta on every forward (d_out x r).
+The quantized base (`qdata`, `qscales`) and the kept columns (`cols`) are frozen parameters rather than
+buffers, so that FSDP2 shards them like any frozen weight (it leaves buffers whole on every process).
 """
 
 from __future__ import annotations
@@ -32,22 +34,24 @@ class QPaCALinear(nn.Module):
         w = base.weight.detach()
         idx = paca_ops.select_columns(d_in, r, paca_ops.layer_seed(name, seed)).to(w.device)
         self.register_buffer("idx", idx)
-        self.register_buffer("cols", w.index_select(1, idx).clone())
+        self.cols = nn.Parameter(w.index_select(1, idx).clone(), requires_grad=False)
         base_zeroed = w.clone()
         base_zeroed[:, idx] = 0
         qw = QuantizedWeight.quantize(base_zeroed, kind, block)
         self.kind, self.block = qw.kind, qw.block
-        self.register_buffer("qdata", qw.data)
-        self.register_buffer("qscales", qw.scales)
+        self.qdata = nn.Parameter(qw.data, requires_grad=False)
+        self.qscales = nn.Parameter(qw.scales, requires_grad=False)
         self.bias = base.bias
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.delta = nn.Parameter(torch.zeros(d_out, r, dtype=torch.float32, device=w.device))
 
+    # The parameters that store the frozen weight (packed codes, scales, kept columns): a parameter count
+    # takes them as the quantized_numel = d_out x d_in elements they stand for, as for the replaced nn.Linear.
+    quantized_storage = ("qdata", "qscales", "cols")
+
     @property
     def quantized_numel(self) -> int:
-        """The weight elements this layer holds in its buffers (the quantized base and the columns), which
-        parameter counts leave out: d_out x d_in, as for the nn.Linear it replaced."""
         return self.out_features * self.in_features
 
     @property

@@ -163,9 +163,15 @@ def build_optimizer(spec: method_specs.MethodSpec, model: Llama, groups: List[Di
 
 
 def model_numel(model: nn.Module) -> int:
-    """The model's parameter count, with a base weight held quantized in buffers (QPaCA) counted as the
-    elements it stands for (`quantized_numel`), so trainable percentages compare across methods."""
-    return sum(p.numel() for p in model.parameters()) + sum(getattr(m, "quantized_numel", 0) for m in model.modules())
+    """The model's parameter count, with a quantized base weight (QPaCA: packed codes, scales and kept columns,
+    a module's `quantized_storage`) counted as the elements it stands for (`quantized_numel`), so trainable
+    percentages compare across methods."""
+    total = 0
+    for m in model.modules():
+        storage = getattr(m, "quantized_storage", ())
+        total += sum(p.numel() for name, p in m.named_parameters(recurse=False) if name not in storage)
+        total += getattr(m, "quantized_numel", 0)
+    return total
 
 
 def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
