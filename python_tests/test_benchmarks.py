@@ -415,3 +415,42 @@ def test_compile_bwd_disables_donated_buffers():
         before = functorch_config.donated_buffer
         with runner._autograd_context(provider, mode):
             assert functorch_config.donated_buffer == before
+
+
+def _gpu_session_benches():
+    """(script name, arguments) of every `bench NAME CAP ARGS...` stage in gpu_session.sh, and the tile strings
+    its attention_bwd_tiles stage loops over."""
+    import shlex
+
+    text = (BENCH / "gpu_session.sh").read_text().replace("\\\n", " ")
+    benches = []
+    for line in text.splitlines():
+        if line.startswith("bench "):
+            words = shlex.split(line, comments=True)
+            benches.append((words[1], words[3:]))
+    tiles = text.split("for tiles in ", 1)[1].split(";", 1)[0].split()
+    return benches, tiles
+
+
+def test_gpu_session_stages_pass_their_scripts_argument_checks():
+    """A stage whose providers or flags its script rejects would spend scarce GPU time on an argparse error:
+    every bench stage's arguments go through that script's own parser, and the tile strings through
+    parse_bwd_tiles."""
+    import importlib
+
+    from mmkernels.backend import BACKENDS
+    from mmkernels.kernels.attention import parse_bwd_tiles
+
+    benches, tiles = _gpu_session_benches()
+    assert len(benches) >= 15 and tiles
+    for name, args in benches:
+        mod = importlib.import_module(f"bench_{name}")
+        argv = [*args, "--out", "unused"]
+        if hasattr(mod, "SPEC") or hasattr(mod, "BENCH"):
+            args = runner.parse_args(getattr(mod, "SPEC", None) or mod.BENCH, argv)
+            for provider in args.providers:  # a forced backend must be one mmkernels has
+                assert provider.partition(":")[2] in ("", *BACKENDS), (name, provider)
+        else:
+            mod.parse_args(argv)
+    for t in tiles:
+        parse_bwd_tiles(t)
