@@ -303,6 +303,18 @@ def test_qpaca_estimate_and_counts_hold_the_quantized_base(tmp_path):
     assert _weight_bytes(runs["nf4"].model) < 0.4 * _weight_bytes(runs[None].model)
 
 
+def test_step_tokens_leave_the_padding_out(tmp_path):
+    """A step's `tokens` (hence tokens/s) counts the text tokens of its batch, not the padded batch size."""
+    rows = [{"instruction": "x" * n, "output": "y"} for n in (1, 12, 5)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    run = trainer.Run.build(_cfg(tmp_path, vision=None, data=str(tmp_path / "d.jsonl"), data_format="instruction",
+                                 batch_size=3, max_steps=1))
+    lengths = [len(s.input_ids) for s in run.loader.samples]
+    assert len(set(lengths)) == 3  # the batch is padded to the longest
+    row = run.train_step()
+    assert row["tokens"] == sum(lengths) < 3 * max(lengths)
+
+
 def test_estimate_command(capsys):
     from mmkernels.cli import main
 

@@ -311,7 +311,9 @@ class Run:
         self.scheduler.step()
         self.step += 1
         loss = dist_utils.all_reduce_sum(total, self.dist) / max(global_tokens, 1)
-        tokens = dist_utils.all_reduce_sum(sum(b.input_ids.numel() for b in batches), self.dist)
+        # Throughput counts the text tokens the step processed: padding is left out (a padded batch would
+        # otherwise report the same tokens/s however short its samples were).
+        tokens = dist_utils.all_reduce_sum(sum(int(b.attention_mask.sum()) for b in batches), self.dist)
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "trained_tokens": global_tokens}
 
     # -- the loop -------------------------------------------------------------------------------------------
