@@ -761,6 +761,7 @@ def record_case(out: str, noted: set, provider: str, mode: str, shape: Dict[str,
         _free()
     return 0
 
+
 @dataclasses.dataclass
 class Session:
     """What every timed case of one script run shares: the dtype and shapes asked for, the repetitions, the

@@ -5,7 +5,6 @@ single process trained on the whole global batch.
 """
 
 import json
-import socket
 import subprocess
 import sys
 
@@ -14,15 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from _data import write_instructions
+from _processes import free_port, on_two_processes
 
 STEPS = ["--max-steps", "3", "--no-progress", "--warmup-steps", "1", "--max-grad-norm", "0", "--no-fused-loss"]
 COMMON = ["--vision", "tiny", "--demo-samples", "32", "--demo-eval-samples", "8", "--max-len", "160", *STEPS]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train(out, *extra, nproc=1, common=COMMON):
@@ -30,7 +24,7 @@ def _train(out, *extra, nproc=1, common=COMMON):
         cmd = [sys.executable, "-m", "mmkernels.cli", "train"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_free_port()}", "-m", "mmkernels.cli", "train"]
+               f"--master_port={free_port()}", "-m", "mmkernels.cli", "train"]
     proc = subprocess.run([*cmd, *common, "--out-dir", str(out), *extra], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -171,32 +165,24 @@ def test_compacter_rule_leaves_every_block_its_own_fsdp_group():
 
 
 
-def _qpaca_sharded(rank, port, result):
-    """One of 2 gloo processes: a QPaCA-NF4 model sharded per block by fully_shard; rank 0 reports the
-    storage it holds of the first layer, the loss and the deltas' gradients (gathered)."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
+def _qpaca_sharded(mesh):
+    """On each of 2 processes: a QPaCA-NF4 model sharded per block by fully_shard; the storage this process
+    holds of the first layer, the loss and the deltas' gradients (gathered)."""
     from torch.distributed.fsdp import fully_shard
 
     from mmkernels.methods import paca
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        mesh = init_device_mesh("cpu", (2,))
-        model, ids = _qpaca_model_and_ids()
-        for block in model.layers:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        layer = model.layers[0].mlp.down_proj
-        held = {n: (type(p).__name__, p.to_local().numel(), p.numel()) for n, p in
-                ((n, getattr(layer, n)) for n in layer.quantized_storage)}
-        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        grads = {n: p.grad.full_tensor() for n, p in paca.adapter_parameters(model).items()}
-        if rank == 0:
-            result.update(held=held, loss=loss.item(), grads=grads)
-    finally:
-        dist.destroy_process_group()
+    model, ids = _qpaca_model_and_ids()
+    for block in model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    layer = model.layers[0].mlp.down_proj
+    held = {n: (type(p).__name__, p.to_local().numel(), p.numel()) for n, p in
+            ((n, getattr(layer, n)) for n in layer.quantized_storage)}
+    loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    grads = {n: p.grad.full_tensor() for n, p in paca.adapter_parameters(model).items()}
+    return {"held": held, "loss": loss.item(), "grads": grads}
 
 
 def _qpaca_model_and_ids():
@@ -217,14 +203,9 @@ def _qpaca_model_and_ids():
 def test_fsdp_shards_the_quantized_base_of_qpaca():
     """QPaCA's NF4 codes, scales and kept columns are frozen parameters, so FSDP2 shards them (buffers would
     stay whole on every process); the sharded model's loss and delta gradients equal the unsharded model's."""
-    import torch.multiprocessing as mp
-
     from mmkernels.methods import paca
 
-    with mp.Manager() as manager:
-        result = manager.dict()
-        mp.spawn(_qpaca_sharded, args=(_free_port(), result), nprocs=2, join=True)
-        got = dict(result)
+    got = on_two_processes(_qpaca_sharded)
     for name, (kind, local, whole) in got["held"].items():
         assert kind == "DTensor" and local == -(-whole // 2), (name, kind, local, whole)
     model, ids = _qpaca_model_and_ids()

@@ -8,7 +8,6 @@ in its correctly rounded square root, so it agrees to a few ulps of the update p
 """
 
 import json
-import socket
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 import mmkernels
+from _processes import free_port, on_two_processes
 from mmkernels import backend
 from mmkernels.methods import paca
 from mmkernels.nn import paca_adamw as paca_adamw_module
@@ -176,32 +176,23 @@ def test_option_off_and_quantized_base_use_adamw_with_sync(tmp_path, data):
     assert spec.optimizer is None
 
 
-def _step_row_shards(rank, port, out_features, result):
-    """One of 2 gloo processes: PaCA layers of the given widths, sharded by rows with fully_shard, take 3
-    PaCAAdamW steps on seeded whole gradients (each process given its rows); rank 0 puts the gathered
-    weights and deltas in `result`."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
+def _step_row_shards(mesh, out_features):
+    """On each of 2 processes: PaCA layers of the given widths, sharded by rows with fully_shard, take 3
+    PaCAAdamW steps on seeded whole gradients (each process given its rows); the gathered weights and
+    deltas."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        mesh = init_device_mesh("cpu", (2,))
-        model = _row_shard_layers(out_features)
-        for m in model:
-            fully_shard(m, mesh=mesh)
-        assert all(hasattr(m.delta, "device_mesh") and hasattr(m.weight, "device_mesh") for m in model)
-        opt = PaCAAdamW(list(model), lr=3e-2, weight_decay=0.1)
-        for grads in _row_shard_grads(out_features):
-            for m, g in zip(model, grads):
-                m.delta.grad = distribute_tensor(g, mesh, [Shard(0)])
-            opt.step()
-        gathered = [(m.weight.full_tensor(), m.delta.detach().full_tensor()) for m in model]
-        if rank == 0:
-            result.update(enumerate(gathered))
-    finally:
-        dist.destroy_process_group()
+    model = _row_shard_layers(out_features)
+    for m in model:
+        fully_shard(m, mesh=mesh)
+    assert all(hasattr(m.delta, "device_mesh") and hasattr(m.weight, "device_mesh") for m in model)
+    opt = PaCAAdamW(list(model), lr=3e-2, weight_decay=0.1)
+    for grads in _row_shard_grads(out_features):
+        for m, g in zip(model, grads):
+            m.delta.grad = distribute_tensor(g, mesh, [Shard(0)])
+        opt.step()
+    return [(m.weight.full_tensor(), m.delta.detach().full_tensor()) for m in model]
 
 
 def _row_shard_layers(out_features):
@@ -217,16 +208,8 @@ def _row_shard_grads(out_features, steps=3):
 def test_fsdp_row_shards_step_like_whole_tensors():
     """Under FSDP2 the fused step runs on each process's rows (torch.chunk's pieces: 5 rows as 3 + 2, and a
     1-row layer that leaves the second process none) and ends bit-identical to the step on whole tensors."""
-    import torch.multiprocessing as mp
-
     widths = (1, 5, 8)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with mp.Manager() as manager:
-        result = manager.dict()
-        mp.spawn(_step_row_shards, args=(port, widths, result), nprocs=2, join=True)
-        sharded = dict(result)
+    sharded = on_two_processes(_step_row_shards, widths)
     whole = _row_shard_layers(widths)
     opt = PaCAAdamW(whole, lr=3e-2, weight_decay=0.1)
     for grads in _row_shard_grads(widths):
@@ -251,11 +234,8 @@ def test_ddp_steps_fused_like_one_process(tmp_path, data):
             "--max-grad-norm", "0", "--no-fused-loss", "--device", "cpu", "--dtype", "float32", "--batch-size", "4",
             "--distributed", "ddp", "--out-dir", str(tmp_path / "two"), "--weight-decay", str(OPTS["weight_decay"]),
             "--beta2", str(OPTS["beta2"]), "--lr-multiplier", "layers.0.=3.0", "--method-option", "scaling=0.5"]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={port}", "-m", "mmkernels.cli", "train", *args],
+                           f"--master_port={free_port()}", "-m", "mmkernels.cli", "train", *args],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.load(open(tmp_path / "two" / "summary.json"))

@@ -289,7 +289,7 @@ def _weight_bytes(model):
 
 
 def test_qpaca_estimate_and_counts_hold_the_quantized_base(tmp_path):
-    """QPaCA keeps its base in buffers (NF4 codes and scales, full-precision columns): the estimate's weights
+    """QPaCA keeps its base as NF4 codes and scales beside full-precision columns: the estimate's weights
     count them, and the trainable percentage counts the base as the d_out x d_in elements it stands for, as
     PaCA's nn.Linear weights are (the built-in model's 344-wide MLP is not a multiple of the NF4 block)."""
     (tmp_path / "d.jsonl").write_text(json.dumps({"instruction": "x", "output": "y"}))

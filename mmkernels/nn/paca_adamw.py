@@ -5,10 +5,10 @@
 
 After `step()` every module's weight already holds its new W_eff, so no `sync_()` call is needed. Under
 FSDP2 (weight, delta, its gradient and states all sharded by rows) each process steps and writes the rows
-it holds. A delta whose grad is None is skipped (its state and weight untouched). The state per delta is torch AdamW's
-("step" as a float32 CPU scalar tensor, "exp_avg", "exp_avg_sq"), so `state_dict()` / `load_state_dict()`
-are the inherited ones and a state dict moves between this optimizer and torch.optim.AdamW over the same
-deltas in the same order.
+it holds. A delta whose grad is None is skipped (its state and weight untouched). The state per delta is
+torch AdamW's ("step" as a float32 CPU scalar tensor, "exp_avg", "exp_avg_sq"), so `state_dict()` /
+`load_state_dict()` are the inherited ones and a state dict moves between this optimizer and
+torch.optim.AdamW over the same deltas in the same order.
 
 Param groups follow torch's format with modules in place of tensors, e.g. per-group learning rates:
 

@@ -37,8 +37,8 @@ def _shard_rows(t, rows: int) -> slice:
                                   f"got one {type(t).__name__}")
     mesh = t.device_mesh
     if mesh.ndim != 1 or [type(p).__name__ for p in t.placements] != ["Shard"] or t.placements[0].dim != 0:
-        raise NotImplementedError(f"PaCALinear: expected a weight and delta sharded by rows on a 1-D mesh (FSDP2), "
-                                  f"got placements {t.placements} on a {mesh.ndim}-D mesh")
+        raise NotImplementedError(f"PaCALinear: expected a weight and delta sharded by rows on a 1-D mesh "
+                                  f"(FSDP2), got placements {t.placements} on a {mesh.ndim}-D mesh")
     chunk = -(-rows // mesh.size())
     start = min(mesh.get_local_rank() * chunk, rows)
     return slice(start, min(start + chunk, rows))
