@@ -36,6 +36,7 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 
@@ -180,6 +181,33 @@ def install(capability: int) -> CompiledKernels:
     return kernels
 
 
+class Bf16MatmulsInFloat32(TorchDispatchMode):
+    """The workloads' CPU matrix products (the frozen projections and their dX = dY W, also inside the ops'
+    CPU implementations, LoRA's and PaCA's) in float32, cast back to bfloat16. Without native bf16
+    instructions (an AVX2 CPU) torch multiplies bf16 by a row-major right operand, as every dX = dY W does,
+    about 50x slower than float32: at LLaMA-7B widths that was most of the check's ten minutes. Only the
+    scaffolding around the kernels changes; what the kernels are given (dtypes, shapes, strides) does not."""
+
+    aten = torch.ops.aten
+    PRODUCTS = (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten.matmul.default,
+                aten.mm.out, aten.bmm.out, aten.matmul.out)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.PRODUCTS and any(_is_bf16(a) for a in args):
+            out = kwargs.pop("out", None)
+            product = func.overloadpacket(*(a.float() if _is_bf16(a) else a for a in args), **kwargs)
+            return product.to(torch.bfloat16) if out is None else out.copy_(product)
+        if func.namespace == "mmkernels":  # an op's own products too (LoRA's and PaCA's dX = dY W): its CPU
+            with self:                     # implementation runs with this mode in place
+                return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _is_bf16(a) -> bool:
+    return isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 and a.device.type == "cpu"
+
+
 # ----------------------------------------------------------------------------------------------------
 # The workloads: one training step per method, and generation
 # ----------------------------------------------------------------------------------------------------
@@ -314,7 +342,7 @@ def main(argv=None) -> int:
     for name, run in workloads(methods).items():
         start, before = time.perf_counter(), len(kernels.rows)
         try:
-            with mmkernels.use_backend("triton"):
+            with mmkernels.use_backend("triton"), Bf16MatmulsInFloat32():
                 run()
         except Exception as exc:  # every workload is tried; the failures are listed at the end
             failures.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
