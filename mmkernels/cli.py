@@ -55,7 +55,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.estimate:
         from mmkernels.train import memory
 
-        print(memory.format_estimate(memory.estimate(cfg), cfg))
+        print(memory.format_estimate(memory.estimate(cfg, args.processes), cfg, args.processes))
         return 0
     trainer.Run.build(cfg).train()
     return 0

@@ -4,6 +4,7 @@ Each rank reads half of every global batch; the adapters must end identical on b
 single process trained on the whole global batch.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -214,3 +215,71 @@ def test_fsdp_shards_the_quantized_base_of_qpaca():
     assert got["loss"] == pytest.approx(loss.item(), rel=1e-6)
     for name, p in paca.adapter_parameters(model).items():
         torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _held_by_fsdp_process(mesh, cfg):
+    """On each of 2 processes: a trainer's FSDP2 run of cfg and the bytes this process holds: its parameters
+    between steps (shards, buffers, the vision tower), its unsharded parameters while block 1 computes, and
+    its gradients and AdamW moments after a step; with the whole sizes of the root's and each block's
+    trainable parameters."""
+    import os
+
+    from torch.distributed.tensor import DTensor
+
+    from mmkernels.train import memory, trainer
+
+    os.environ["WORLD_SIZE"] = "2"  # the process group is already joined; the trainer reads its size
+    run = trainer.Run.build(cfg)
+
+    def local(ts):
+        ts = [t.to_local() if isinstance(t, DTensor) else t for t in ts]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def whole(ts):
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def gathered(ts):  # FSDP2 all-gathers 2 equal shards: dim 0 padded to even
+        return sum(2 * memory.shard_bytes(t, 2) for t in ts)
+
+    model = run.model
+    vision = [*run.vision.parameters(), *run.vision.buffers()]
+    out = {"weights": local(model.parameters()) + whole(model.buffers()) + whole(vision)}
+    seen = {}
+
+    def inside_block_1(module, args):
+        params = list(model.parameters())
+        seen["unsharded"] = gathered(p for p in params if not isinstance(p, DTensor))
+        seen["block 0 sharded"] = all(isinstance(p, DTensor) for p in model.layers[0].parameters())
+
+    model.layers[1].input_layernorm.register_forward_pre_hook(inside_block_1)
+    run.train_step()
+    trainable = list(run.params.values())
+    in_blocks = {id(p) for b in model.layers for p in b.parameters()}
+    out.update(seen, gradients=local(p.grad for p in trainable),
+               moments=local(t for p in trainable for k, t in run.optimizer.state[p].items() if k != "step"),
+               block_1=gathered(model.layers[1].parameters()),
+               trainable_root=whole(p for p in trainable if id(p) not in in_blocks),
+               trainable_blocks=[whole(p for p in b.parameters() if p.requires_grad) for b in model.layers])
+    return out
+
+
+def test_estimate_under_fsdp_is_one_process_share(tmp_path):
+    """`--estimate` with 2 processes under FSDP2 (LLaMA-Adapter V2, the tiny vision tower): the weights are
+    this process's shards plus the buffers and the frozen tower; the gathered set is what FSDP2 holds whole
+    while a block computes (the root group and that block; block 0 resharded) plus the next block, which a
+    GPU prefetches; the optimizer is the moments' shards, and the gradients the gradient shards plus the
+    unsharded gradients of the root and two blocks. Each figure is the trainer's own after one step."""
+    from mmkernels.train import memory
+    from mmkernels.train.config import TrainConfig
+
+    cfg = TrainConfig(vision="tiny", demo_samples=16, demo_eval_samples=4, batch_size=2, max_steps=1,
+                      progress=False, max_len=160, distributed="fsdp", out_dir=str(tmp_path / "run"))
+    got = on_two_processes(_held_by_fsdp_process, cfg)
+    est = memory.estimate(cfg, processes=2)
+    assert got["block 0 sharded"]
+    assert est["weights"] == got["weights"]
+    assert est["gathered"] == got["unsharded"] + got["block_1"]
+    assert est["optimizer"] == got["moments"]
+    assert est["gradients"] == got["gradients"] + got["trainable_root"] + sum(sorted(got["trainable_blocks"])[-2:])
+    one = memory.estimate(dataclasses.replace(cfg, distributed="none"), processes=1)
+    assert est["weights"] < one["weights"] and est["optimizer"] * 2 == one["optimizer"]

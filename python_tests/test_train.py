@@ -3,6 +3,7 @@
 Runs use the built-in tiny LLaMA (random init) on small synthetic demo sets so each takes seconds on CPU.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -322,6 +323,34 @@ def test_estimate_command(capsys):
     out = capsys.readouterr().out
     for key in ("weights", "gradients", "optimizer", "activations", "logits", "total"):
         assert key in out
+    assert "gathered" not in out  # FSDP2's all-gathered parameters: only when there are shards
+
+
+def test_estimate_per_process(capsys, monkeypatch):
+    """With several processes (--processes, default WORLD_SIZE as torchrun sets it) --estimate prints one
+    process's share: FSDP2 shards the weights and the optimizer state and gathers blocks (checked against an
+    FSDP2 run in test_distributed.py); DDP holds everything and doubles the gradients (its buckets are a copy).
+    A mode that cannot run on that many processes is refused, naming where the count came from."""
+    from mmkernels.cli import main
+
+    cfg = TrainConfig(vision="tiny")
+    one = memory.estimate(cfg)
+    fsdp = memory.estimate(dataclasses.replace(cfg, distributed="fsdp"), processes=4)
+    assert fsdp["weights"] < one["weights"] and fsdp["gathered"] > 0
+    assert fsdp["optimizer"] == pytest.approx(one["optimizer"] / 4, rel=0.02)
+    ddp = memory.estimate(cfg, processes=4)  # auto: ddp for several processes
+    assert ddp["weights"] == one["weights"] and ddp["gradients"] == 2 * one["gradients"]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert memory.estimate(cfg) == ddp
+    assert main(["train", "--estimate", "--vision", "tiny", "--distributed", "fsdp"]) == 0
+    out = capsys.readouterr().out
+    assert "on each of 4 processes (fsdp)" in out and "gathered" in out
+    with pytest.raises(ValueError, match="WORLD_SIZE=4"):
+        main(["train", "--estimate", "--distributed", "none"])
+    with pytest.raises(ValueError, match="--processes=1"):
+        main(["train", "--estimate", "--processes", "1", "--distributed", "fsdp"])
+    with pytest.raises(ValueError, match="--processes: expected at least 1"):
+        main(["train", "--estimate", "--processes", "0"])
 
 
 # -- bad input ---------------------------------------------------------------------------------------------------

@@ -173,6 +173,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="a TOML/YAML/JSON file with any of the keys below")
     p.add_argument("--estimate", action="store_true",
                    help="print the expected peak memory split (weights, activations, optimizer, logits) and exit")
+    p.add_argument("--processes", type=int, default=None,
+                   help="with --estimate: the run's number of processes, for one process's share under ddp or fsdp "
+                        "(default: WORLD_SIZE as torchrun sets it, else 1)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default

@@ -25,18 +25,29 @@ class DistInfo:
     device: torch.device = torch.device("cpu")
 
 
+def world_size() -> int:
+    """The number of processes torchrun launched (WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_mode(mode: str, world: int, source: str = "WORLD_SIZE") -> str:
+    """`distributed` (auto | none | ddp | fsdp) for `world` processes (named `source` in errors): auto is ddp
+    for several, none for one."""
+    if mode == "auto":
+        return "ddp" if world > 1 else "none"
+    if mode == "none" and world > 1:
+        raise ValueError(f"distributed: 'none' but {source}={world}; use ddp or fsdp under torchrun")
+    if mode != "none" and world < 2:
+        raise ValueError(f"distributed: {mode!r} needs several processes (launch with torchrun --nproc_per_node N); "
+                         f"{source}={world}")
+    return mode
+
+
 def init(mode: str) -> DistInfo:
     """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if mode == "auto":
-        mode = "ddp" if world > 1 else "none"
+    mode = resolve_mode(mode, world_size())
     if mode == "none":
-        if world > 1:
-            raise ValueError(f"distributed: 'none' but WORLD_SIZE={world}; use ddp or fsdp under torchrun")
         return DistInfo()
-    if world < 2:
-        raise ValueError(f"distributed: {mode!r} needs several processes (launch with torchrun --nproc_per_node N); "
-                         f"WORLD_SIZE={world}")
     import torch.distributed as dist
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
