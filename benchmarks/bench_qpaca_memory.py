@@ -17,6 +17,8 @@ Reported (one row, op "qpaca_memory", mode "step"): max_memory_allocated / max_m
 script exits 1 when they differ), optimizer state bytes, ms per step
 (quantiles over the steps after the first) and tokens/s. "fits" is peak reserved <= target_bytes (12 GiB):
 reserved, not allocated, because that is what the process holds from the device (the CUDA context comes on top).
+"estimate": what `mmkernels train --estimate` expects for the same run (train.memory.estimate, by category and
+"total"), so the row also measures the estimate.
 
 Without a GPU it runs a correctness smoke through the same build and step code (float32, tiny config, CPU):
 (a) every target is a QPaCALinear, the block-by-block build equals building the whole model and calling
@@ -30,7 +32,10 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
+import os
 import sys
+import tempfile
 import time
 from typing import Dict, List, Optional
 
@@ -46,7 +51,8 @@ from mmkernels.methods.lora import _targets
 from mmkernels.models import Llama, LlamaConfig
 from mmkernels.nn.qpaca_linear import QPaCALinear
 from mmkernels.nn.rms_norm import RMSNorm
-from mmkernels.train import method_specs
+from mmkernels.train import memory, method_specs
+from mmkernels.train.config import TrainConfig
 from mmkernels.train.data import Batch
 from mmkernels.train.trainer import LossModule
 
@@ -185,6 +191,20 @@ def make_step(model: Llama, batch: Batch, lr: float):
 # ----------------------------------------------------------------------------------------------------
 
 
+def estimated(cfg: LlamaConfig, args) -> Dict[str, int]:
+    """`mmkernels train --estimate` for this run (the same model shape, method, micro-batch and recomputation),
+    to be set beside the measured peak."""
+    with tempfile.TemporaryDirectory() as model_dir:
+        with open(os.path.join(model_dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(cfg.to_hf_dict(), f)
+        # instruction data (never read): the demo's default would add its vision tower
+        train_cfg = TrainConfig(model=model_dir, data=os.path.join(model_dir, "train.jsonl"), method="paca",
+                                method_options={"rank": args.rank, "quantize": args.quantize},
+                                batch_size=args.batch, max_len=args.seq, grad_checkpointing=True,
+                                dtype=str(DTYPE).removeprefix("torch."), device=DEVICE, distributed="none")
+        return memory.estimate(train_cfg, processes=1)
+
+
 def _settle() -> int:
     """Free what the build left in the allocator's cache; the bytes allocated now."""
     gc.collect()
@@ -238,14 +258,16 @@ def run(args) -> int:
     row.update(peak_mem_bytes=peaks["allocated"], peak_reserved_bytes=peaks["reserved"], weight_bytes=counted,
                weight_bytes_expected=expected, weight_bytes_allocated=resident, llama7b_weight_bytes=llama7b,
                optimizer_state_bytes=optimizer_state_bytes(opt), tokens_per_s=args.batch * args.seq / (ms[0] * 1e-3),
-               losses=losses, target_bytes=TARGET_BYTES, fits=peaks["reserved"] <= TARGET_BYTES)
+               losses=losses, target_bytes=TARGET_BYTES, fits=peaks["reserved"] <= TARGET_BYTES,
+               estimate=estimated(cfg, args))
     runner.append_rows(out, [row])
     gib = 2**30
     print(f"{OP}: {args.layers}-layer LLaMA-7B-shaped, QPaCA-{args.quantize} r={args.rank}, B={args.batch} "
           f"T={args.seq}: peak {peaks['allocated'] / gib:.2f} GiB allocated, {peaks['reserved'] / gib:.2f} GiB "
           f"reserved; weights {counted / gib:.2f} GiB, optimizer state {row['optimizer_state_bytes'] / 2**20:.1f} MiB; "
           f"{ms[0]:.0f} ms/step, {row['tokens_per_s']:.0f} tokens/s -> "
-          f"{'FITS' if row['fits'] else 'DOES NOT FIT'} in {TARGET_BYTES / gib:.0f} GiB")
+          f"{'FITS' if row['fits'] else 'DOES NOT FIT'} in {TARGET_BYTES / gib:.0f} GiB; `train --estimate` "
+          f"expected {row['estimate']['total'] / gib:.2f} GiB")
     if counted != expected:
         print(f"weight bytes differ from the formula by {counted - expected} B")
         return 1

@@ -126,6 +126,14 @@ def test_gpu_path_plumbing_on_cpu(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bq, "_peaks_reset", lambda: None)
     peak = {"allocated": 5 * 2**30, "reserved": 13 * 2**30}
     monkeypatch.setattr(bq, "_peaks", lambda: dict(peak))
+    made, make_step = [], bq.make_step
+
+    def keep_optimizer(*args):
+        step, opt = make_step(*args)
+        made.append(opt)
+        return step, opt
+
+    monkeypatch.setattr(bq, "make_step", keep_optimizer)
     rc = bq.main(["--layers", "1", "--seq", "16", "--steps", "2", "--lr", "1e-2", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert rc == 0, printed
@@ -142,3 +150,10 @@ def test_gpu_path_plumbing_on_cpu(tmp_path, monkeypatch, capsys):
     assert row["optimizer_state_bytes"] > 0 and row["tokens_per_s"] > 0 and row["ms_p50"] > 0
     assert len(row["losses"]) == 2 and row["losses"][1] < row["losses"][0]
     assert "DOES NOT FIT in 12 GiB" in printed, printed
+    # the trainer's estimate of the same run: its weights are the ones the build left (the rotary frequencies are
+    # a plain attribute, which the build counts and the estimate does not) and its optimizer state AdamW's moments
+    est = row["estimate"]
+    assert est["weights"] == row["weight_bytes"] - bq.rope_bytes(bq.config(1, 16, **bq.TINY))
+    moments = sum(t.nbytes for st in made[0].state.values() for k, t in st.items() if k != "step")
+    assert est["optimizer"] == moments > 0
+    assert est["total"] == sum(v for k, v in est.items() if k != "total") and "estimate" in printed
