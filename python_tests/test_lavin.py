@@ -232,6 +232,46 @@ def test_merge_is_exact(modality):
         lavin.save_adapter(merged, "unused")
 
 
+# Metadata-only ops (no kernel): views, transposes, detaches.
+_NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "expand", "unsqueeze", "squeeze", "slice", "select",
+              "permute", "detach", "alias", "as_strided", "reshape", "split", "split_with_sizes", "unbind"}
+
+
+def _dispatched(run):
+    """The ops run() dispatches, counted by name, a GEMM with a bias (addmm) counted as one without (mm)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts = Counter()
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in _NO_KERNEL:
+                counts["mm" if name == "addmm" else name] += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Count():
+        run()
+    return counts
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_merged_model_runs_the_base_models_ops(backend):
+    """METHODS.md's re-parameterisation: with LaVIN merged, a forward dispatches exactly the base model's ops
+    (the q/k/v biases ride in the same GEMMs), no adapter op per layer; unmerged, it dispatches more."""
+    model, base = build(seed=9), base_parts(seed=9, vision=False)[0].eval()
+    embeds = torch.randn(2, 5, TINY["hidden_size"], generator=torch.Generator().manual_seed(10))
+    with mmkernels.use_backend(backend):
+        merged = lavin.merge(copy.deepcopy(model), lavin.TEXT)
+        want = _dispatched(lambda: base(inputs_embeds=embeds))
+        assert _dispatched(lambda: merged(inputs_embeds=embeds)) == want
+        ids = torch.randint(0, TINY["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(10))
+        unmerged = _dispatched(lambda: lavin.forward(model, ids, modality=lavin.TEXT))
+    assert sum(unmerged.values()) > sum(want.values())
+
+
 def test_parameter_count_llama7b_clip_l14():
     """METHODS.md: LaVIN-7B with CLIP-L/14 trains 3,781,296 parameters."""
     llama = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
