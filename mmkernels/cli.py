@@ -49,7 +49,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from mmkernels.train import config, trainer
+    from mmkernels.train import config, distributed, trainer
 
     cfg = config.from_args(args)
     if args.estimate:
@@ -58,6 +58,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(memory.format_estimate(memory.estimate(cfg, args.processes), cfg, args.processes))
         return 0
     trainer.Run.build(cfg).train()
+    distributed.shutdown()  # under torchrun: leave the process group before the interpreter exits
     return 0
 
 

@@ -283,3 +283,17 @@ def test_estimate_under_fsdp_is_one_process_share(tmp_path):
     assert est["gradients"] == got["gradients"] + got["trainable_root"] + sum(sorted(got["trainable_blocks"])[-2:])
     one = memory.estimate(dataclasses.replace(cfg, distributed="none"), processes=1)
     assert est["weights"] < one["weights"] and est["optimizer"] * 2 == one["optimizer"]
+
+
+def test_shutdown_leaves_the_process_group(tmp_path):
+    """`mmkernels train` ends by destroying the process group (after a barrier), so no gloo thread outlives
+    the interpreter; without a group it does nothing."""
+    import torch.distributed as dist
+
+    from mmkernels.train import distributed
+
+    distributed.shutdown()  # no group: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    distributed.shutdown()
+    assert not dist.is_initialized()

@@ -62,6 +62,17 @@ def init(mode: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), mode, device)
 
 
+def shutdown() -> None:
+    """Leave the process group at the end of a command: the processes wait for each other, then the group is
+    destroyed, so that no communication thread outlives the interpreter (a gloo process that exited with the
+    group alive was seen to abort in teardown, after its run had finished)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def wrap(module: nn.Module, info: DistInfo, some_unused: bool = False) -> nn.Module:
     """The module the trainer calls: `module` itself, its DDP wrapper, or `module` sharded in place.
 
