@@ -16,7 +16,7 @@ stack and spill instructions.
 No kernel runs, so nothing here is computed (the outputs are whatever memory held): this checks that the
 kernels build for the GPU with the installed Triton, not that they are right (the gpu tests do that).
 
-    python tools/compile_check.py [--methods lora,paca] [--capability 90] [--max-spills 4]
+    python tools/compile_check.py [--methods lora,paca] [--training-only] [--capability 90] [--max-spills 4]
 """
 
 from __future__ import annotations
@@ -305,11 +305,14 @@ def segments() -> None:
         ops.attention(q, k, v, causal=True, segment_ids=seg).sum().backward()
 
 
-def workloads(methods: List[str]) -> Dict[str, Callable[[], None]]:
+def workloads(methods: List[str], shared: bool = True) -> Dict[str, Callable[[], None]]:
+    """The training steps of `methods`; shared: also generation and packed attention (every method's)."""
     out: Dict[str, Callable[[], None]] = {f"train {m}": (lambda m=m: train_step(m)) for m in methods}
     for m in MULTIMODAL:
         if m in methods:
             out[f"train {m} with images"] = lambda m=m: train_step(m, images=True)
+    if not shared:
+        return out
     out["generate base"] = lambda: generation("base")
     out["generate llama_adapter"] = lambda: generation("llama_adapter")
     out["attention segments"] = segments
@@ -320,7 +323,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma list of training steps (default: %(default)s); '' for generation and packed "
-                        "attention only, which always run")
+                        "attention only, which run unless --training-only")
+    p.add_argument("--training-only", action="store_true",
+                   help="only the training steps of --methods, without the generation and packed-attention "
+                        "workloads (for a second run beside one that has them)")
     p.add_argument("--capability", type=int, default=90, help="compute capability to compile for (default 90)")
     p.add_argument("--shared-limit", type=int, default=HOPPER["max_shared_mem"],
                    help="shared memory per block in bytes that every kernel must fit (default: Hopper's, %(default)s)")
@@ -339,7 +345,7 @@ def main(argv=None) -> int:
 
     print(f"compile_check: triton {triton.__version__}, torch {torch.__version__}, target sm_{args.capability}")
     failures = []
-    for name, run in workloads(methods).items():
+    for name, run in workloads(methods, shared=not args.training_only).items():
         start, before = time.perf_counter(), len(kernels.rows)
         try:
             with mmkernels.use_backend("triton"), Bf16MatmulsInFloat32():
