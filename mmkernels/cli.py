@@ -52,6 +52,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from mmkernels.train import config, distributed, trainer
 
     cfg = config.from_args(args)
+    if args.processes is not None and not args.estimate:
+        raise ValueError(f"--processes: only with --estimate (a run has the processes torchrun starts), got "
+                         f"--processes {args.processes} without it")
     if args.estimate:
         from mmkernels.train import memory
 

@@ -351,6 +351,8 @@ def test_estimate_per_process(capsys, monkeypatch):
         main(["train", "--estimate", "--processes", "1", "--distributed", "fsdp"])
     with pytest.raises(ValueError, match="--processes: expected at least 1"):
         main(["train", "--estimate", "--processes", "0"])
+    with pytest.raises(ValueError, match="--processes: only with --estimate"):
+        main(["train", "--processes", "2"])
 
 
 # -- bad input ---------------------------------------------------------------------------------------------------
