@@ -475,8 +475,10 @@ def _bwd_configs(head_dim: int, device: torch.device) -> Tuple[BwdConfig, BwdCon
     block_m queries; the dq kernel holds q, dO and dq for its block_m queries and steps over block_n keys.
 
     On a GPU: tiles with which ptxas needs no stack (no register spills) on sm_90 for every variant (plain,
-    kv_start, packed segments, the gated prompt segment), per tools/compile_check.py; at head_dim 128 the
-    64-query x 64-key dk/dv tile of 8 warps spilled 104-184 B per thread. Not yet chosen by measurement: the
+    kv_start, packed segments, the gated prompt segment) with Triton 3.6 and 3.9, per tools/compile_check.py;
+    at head_dim 128 the 64-query x 64-key dk/dv tile of 8 warps spilled 104-184 B per thread; at head_dim 64
+    Triton 3.6 spilled 744 B per thread with a 64 x 64 dk/dv tile of 4 warps (and 512 B with 8), none with 32
+    queries x 64 keys. Not yet chosen by measurement: the
     environment variable MMK_ATTN_BWD_TILES ('m,n,warps,stages/m,n,warps,stages', see parse_bwd_tiles)
     replaces them, so that a benchmark can compare tiles on the GPU.
     """
@@ -487,7 +489,7 @@ def _bwd_configs(head_dim: int, device: torch.device) -> Tuple[BwdConfig, BwdCon
     if override:
         return parse_bwd_tiles(override)
     if head_dim <= 64:
-        return BwdConfig(64, 64, 4, 3), BwdConfig(64, 64, 4, 3)
+        return BwdConfig(32, 64, 4, 3), BwdConfig(64, 64, 4, 3)
     return BwdConfig(64, 32, 8, 3), BwdConfig(32, 64, 8, 3)
 
 

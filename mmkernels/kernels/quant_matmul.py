@@ -91,8 +91,11 @@ def _levels(device: torch.device) -> torch.Tensor:
 
 
 def _tiles(device: torch.device):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): small under the interpreter; GPU tiles not yet tuned."""
-    return (16, 16, 16, 1) if not _device.compiled(device) else (64, 64, 64, 4)
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): small under the interpreter. On a GPU 64 x 64 x 64 tiles with 8
+    warps, not yet tuned by measurement: with 4 warps the NF4 forward needed 255 registers and spilled on sm_90
+    with Triton 3.6 (the GPU machines'); with 8 it needs at most 128, with Triton 3.6 and 3.9
+    (tools/compile_check.py)."""
+    return (16, 16, 16, 1) if not _device.compiled(device) else (64, 64, 64, 8)
 
 
 def dequant_matmul(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, kind: str, n: int, k: int,
