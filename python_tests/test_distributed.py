@@ -166,19 +166,20 @@ def test_compacter_rule_leaves_every_block_its_own_fsdp_group():
 
 
 
-def _qpaca_sharded(mesh):
-    """On each of 2 processes: a QPaCA-NF4 model sharded per block by fully_shard; the storage this process
-    holds of the first layer, the loss and the deltas' gradients (gathered)."""
-    from torch.distributed.fsdp import fully_shard
-
+def _qpaca_sharded(mesh, shards_integers):
+    """On each of 2 processes: a QPaCA-NF4 model sharded per block as the trainer shards it, by a torch whose
+    FSDP2 shards integer parameters or not; the storage this process holds of the first layer, the loss and
+    the deltas' gradients (gathered)."""
     from mmkernels.methods import paca
+    from mmkernels.train import distributed
 
+    from torch.distributed.tensor import DTensor
+
+    distributed.FSDP_SHARDS_INTEGERS = shards_integers
     model, ids = _qpaca_model_and_ids()
-    for block in model.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    distributed.fsdp_shard(model, list(model.layers), mesh=mesh)
     layer = model.layers[0].mlp.down_proj
-    held = {n: (type(p).__name__, p.to_local().numel(), p.numel()) for n, p in
+    held = {n: (type(p).__name__, (p.to_local() if isinstance(p, DTensor) else p).numel(), p.numel()) for n, p in
             ((n, getattr(layer, n)) for n in layer.quantized_storage)}
     loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
     loss.backward()
@@ -201,14 +202,29 @@ def _qpaca_model_and_ids():
     return model, torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
 
 
-def test_fsdp_shards_the_quantized_base_of_qpaca():
+def _fsdp_shards_integers():
+    from mmkernels.train import distributed
+
+    return distributed.FSDP_SHARDS_INTEGERS
+
+
+@pytest.mark.parametrize("shards_integers", [
+    pytest.param(True, marks=pytest.mark.skipif(not _fsdp_shards_integers(),
+                                                reason="this torch's FSDP2 cannot shard integer parameters")),
+    False])
+def test_fsdp_shards_the_quantized_base_of_qpaca(shards_integers):
     """QPaCA's NF4 codes, scales and kept columns are frozen parameters, so FSDP2 shards them (buffers would
-    stay whole on every process); the sharded model's loss and delta gradients equal the unsharded model's."""
+    stay whole on every process); the sharded model's loss and delta gradients equal the unsharded model's.
+    FSDP2 before torch 2.13 cannot shard integer parameters: then the uint8 codes stay whole (ignored by
+    FSDP2) and the float scales and columns are sharded, with the same loss and gradients."""
     from mmkernels.methods import paca
 
-    got = on_two_processes(_qpaca_sharded)
+    got = on_two_processes(_qpaca_sharded, shards_integers)
     for name, (kind, local, whole) in got["held"].items():
-        assert kind == "DTensor" and local == -(-whole // 2), (name, kind, local, whole)
+        if name == "qdata" and not shards_integers:
+            assert kind == "Parameter" and local == whole, (name, kind, local, whole)
+        else:
+            assert kind == "DTensor" and local == -(-whole // 2), (name, kind, local, whole)
     model, ids = _qpaca_model_and_ids()
     loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
     loss.backward()

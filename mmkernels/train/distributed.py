@@ -92,13 +92,36 @@ def wrap(module: nn.Module, info: DistInfo, some_unused: bool = False) -> nn.Mod
 
         ids = [info.device.index] if info.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=some_unused)
+    fsdp_shard(module, list(module.model.layers), say=info.rank == 0)
+    return module
+
+
+# FSDP2 before torch 2.13 (2.11 is the GPU machines') makes every shard an nn.Parameter that requires grad,
+# which an integer tensor cannot be (pytorch/pytorch#177844): it cannot shard QPaCA's packed codes. 2.12 is
+# not known to have the fix, so it counts as before.
+FSDP_SHARDS_INTEGERS = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+
+
+def fsdp_shardable(p: torch.Tensor) -> bool:
+    """Whether FSDP2 shards p on this torch (floating point always; integers from torch 2.13)."""
+    return p.is_floating_point() or FSDP_SHARDS_INTEGERS
+
+
+def fsdp_shard(root: nn.Module, blocks: List[nn.Module], mesh=None, say: bool = False) -> None:
+    """fully_shard each block, then the root (every block in the root group when a parameter is shared across
+    blocks, see wrap). Parameters this torch's FSDP2 cannot shard (fsdp_shardable) are left to it as ignored:
+    whole on every process, as buffers are; with say, a line tells how many and their size."""
     from torch.distributed.fsdp import fully_shard
 
-    if not shares_parameters_across_blocks(module, list(module.model.layers)):
-        for block in module.model.layers:
-            fully_shard(block)
-    fully_shard(module)
-    return module
+    whole = {p for p in root.parameters() if not fsdp_shardable(p)}
+    if whole and say:
+        mib = sum(p.numel() * p.element_size() for p in whole) / 2**20
+        print(f"fsdp: torch {torch.__version__} cannot shard integer parameters; {len(whole)} of them "
+              f"({mib:,.1f} MiB, e.g. QPaCA's packed codes) stay whole on every process", flush=True)
+    if not shares_parameters_across_blocks(root, blocks):
+        for block in blocks:
+            fully_shard(block, mesh=mesh, ignored_params=whole or None)
+    fully_shard(root, mesh=mesh, ignored_params=whole or None)
 
 
 def _is_fsdp_group(module: nn.Module) -> bool:

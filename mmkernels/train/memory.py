@@ -26,7 +26,9 @@ run's `distributed` mode:
                  (the one computing and the next, prefetched); a model whose parameters are shared across
                  blocks is one root group, gathered whole;
                  gradients and optimizer: the shards of the trainable parameters, plus the unsharded
-                 gradients of the root and two blocks before they are reduce-scattered.
+                 gradients of the root and two blocks before they are reduce-scattered;
+                 integer parameters (QPaCA's packed codes) whole on every process before torch 2.13, whose
+                 FSDP2 cannot shard them (distributed.fsdp_shard).
 python_tests/test_distributed.py checks the shards, the gathered set and the optimizer state against an
 FSDP2 run on two processes.
 """
@@ -60,8 +62,9 @@ def _saved_per_token(c: LlamaConfig, act_bytes: int) -> int:
 
 
 class FsdpShares(NamedTuple):
-    """Bytes one FSDP2 process holds of a set of parameters: `shards` between steps, `gathered` at most during
-    the forward and backward (the root group whole, and `blocks_gathered` blocks)."""
+    """Bytes one FSDP2 process holds of a set of parameters: `shards` between steps (with the parameters FSDP2
+    cannot shard, whole), `gathered` at most during the forward and backward (the root group whole, and
+    `blocks_gathered` blocks)."""
 
     shards: int
     gathered: int
@@ -73,17 +76,21 @@ def shard_bytes(p: torch.Tensor, processes: int) -> int:
     return -(-rows // processes) * (p.numel() // max(rows, 1)) * p.element_size()
 
 
+def _whole_bytes(params: Iterable[torch.Tensor]) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
 def fsdp_shares(model: nn.Module, processes: int, blocks_gathered: int = 2,
                 which: Optional[Iterable[nn.Parameter]] = None) -> FsdpShares:
     """FsdpShares of `model`'s parameters (or of those in `which`) when each block of model.layers is an FSDP2
     group and the model the root, as distributed.wrap shards it (every block in the root group when a
     parameter is shared across blocks). The all-gathered copy of a group is `processes` padded shards."""
-    from mmkernels.train.distributed import shares_parameters_across_blocks
+    from mmkernels.train.distributed import fsdp_shardable, shares_parameters_across_blocks
 
     keep = None if which is None else {id(p) for p in which}
 
-    def shards(params) -> int:
-        return sum(shard_bytes(p, processes) for p in params if keep is None or id(p) in keep)
+    def shards(params) -> int:  # of the parameters FSDP2 shards on this torch (distributed.fsdp_shard)
+        return sum(shard_bytes(p, processes) for p in params if (keep is None or id(p) in keep) and fsdp_shardable(p))
 
     blocks = list(model.layers)
     if shares_parameters_across_blocks(model, blocks):
@@ -92,7 +99,8 @@ def fsdp_shares(model: nn.Module, processes: int, blocks_gathered: int = 2,
     root = shards(p for p in model.parameters() if id(p) not in in_blocks)
     per_block = sorted((shards(b.parameters()) for b in blocks), reverse=True)
     gathered = processes * (root + sum(per_block[:blocks_gathered]))
-    return FsdpShares(shards(model.parameters()), gathered)
+    whole = _whole_bytes(p for p in model.parameters() if (keep is None or id(p) in keep) and not fsdp_shardable(p))
+    return FsdpShares(shards(model.parameters()) + whole, gathered)
 
 
 def layout(cfg: TrainConfig, processes: Optional[int] = None) -> Tuple[int, str]:
@@ -140,10 +148,10 @@ def estimate(cfg: TrainConfig, processes: Optional[int] = None) -> Dict[str, int
         weights, gathered = held.shards, held.gathered
         gradients, optimizer = mine.shards + mine.gathered, 2 * mine.shards
     else:
-        weights, gathered = sum(p.numel() * p.element_size() for p in model.parameters()), 0
-        grads = sum(p.numel() * p.element_size() for p in trainable)
+        weights, gathered = _whole_bytes(model.parameters()), 0
+        grads = _whole_bytes(trainable)
         gradients, optimizer = grads * (2 if mode == "ddp" else 1), 2 * grads
-    weights += sum(t.numel() * t.element_size() for t in whole)
+    weights += _whole_bytes(whole)
     act_bytes = torch.empty(0, dtype=dtype).element_size()
     tokens = cfg.batch_size * cfg.max_len
     per_block = _saved_per_token(config, act_bytes) * tokens
