@@ -60,8 +60,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         print(memory.format_estimate(memory.estimate(cfg, args.processes), cfg, args.processes))
         return 0
-    trainer.Run.build(cfg).train()
-    distributed.shutdown()  # under torchrun: leave the process group before the interpreter exits
+    run = trainer.Run.build(cfg)
+    run.train()
+    if run.dist.world_size > 1:
+        distributed.finish()  # under torchrun: leave the process group and exit without teardown
     return 0
 
 

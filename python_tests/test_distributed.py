@@ -301,15 +301,24 @@ def test_estimate_under_fsdp_is_one_process_share(tmp_path):
     assert est["weights"] < one["weights"] and est["optimizer"] * 2 == one["optimizer"]
 
 
-def test_shutdown_leaves_the_process_group(tmp_path):
-    """`mmkernels train` ends by destroying the process group (after a barrier), so no gloo thread outlives
-    the interpreter; without a group it does nothing."""
-    import torch.distributed as dist
-
-    from mmkernels.train import distributed
-
-    distributed.shutdown()  # no group: nothing to do
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    assert dist.is_initialized()
-    distributed.shutdown()
-    assert not dist.is_initialized()
+def test_finish_leaves_the_group_and_skips_teardown(tmp_path):
+    """A finished `mmkernels train` under torchrun leaves the process group (after a barrier) and exits with
+    status 0 without the interpreter's teardown (where a finished gloo process was seen to abort): its output
+    is flushed, an atexit handler does not run; without a group, shutdown does nothing."""
+    script = f"""
+import atexit, torch.distributed as dist
+from mmkernels.train import distributed
+distributed.shutdown()
+dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+atexit.register(lambda: print("teardown ran"))
+print("group", dist.is_initialized(), end=" ")
+distributed.shutdown()
+print("then", dist.is_initialized())
+dist.init_process_group("gloo", init_method="file://{tmp_path / 'store2'}", rank=0, world_size=1)
+print("finishing", end="")
+distributed.finish()
+print("after finish")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == "group True then False\nfinishing", proc.stdout
