@@ -165,15 +165,14 @@ def test_compacter_rule_leaves_every_block_its_own_fsdp_group():
     assert shares_parameters_across_blocks(model, list(model.layers))
 
 
-
 def _qpaca_sharded(mesh, shards_integers):
     """On each of 2 processes: a QPaCA-NF4 model sharded per block as the trainer shards it, by a torch whose
     FSDP2 shards integer parameters or not; the storage this process holds of the first layer, the loss and
     the deltas' gradients (gathered)."""
+    from torch.distributed.tensor import DTensor
+
     from mmkernels.methods import paca
     from mmkernels.train import distributed
-
-    from torch.distributed.tensor import DTensor
 
     distributed.FSDP_SHARDS_INTEGERS = shards_integers
     model, ids = _qpaca_model_and_ids()

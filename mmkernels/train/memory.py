@@ -89,8 +89,11 @@ def fsdp_shares(model: nn.Module, processes: int, blocks_gathered: int = 2,
 
     keep = None if which is None else {id(p) for p in which}
 
+    def counted(p) -> bool:
+        return keep is None or id(p) in keep
+
     def shards(params) -> int:  # of the parameters FSDP2 shards on this torch (distributed.fsdp_shard)
-        return sum(shard_bytes(p, processes) for p in params if (keep is None or id(p) in keep) and fsdp_shardable(p))
+        return sum(shard_bytes(p, processes) for p in params if counted(p) and fsdp_shardable(p))
 
     blocks = list(model.layers)
     if shares_parameters_across_blocks(model, blocks):
@@ -99,7 +102,7 @@ def fsdp_shares(model: nn.Module, processes: int, blocks_gathered: int = 2,
     root = shards(p for p in model.parameters() if id(p) not in in_blocks)
     per_block = sorted((shards(b.parameters()) for b in blocks), reverse=True)
     gathered = processes * (root + sum(per_block[:blocks_gathered]))
-    whole = _whole_bytes(p for p in model.parameters() if (keep is None or id(p) in keep) and not fsdp_shardable(p))
+    whole = _whole_bytes(p for p in model.parameters() if counted(p) and not fsdp_shardable(p))
     return FsdpShares(shards(model.parameters()) + whole, gathered)
 
 
