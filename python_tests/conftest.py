@@ -1,10 +1,15 @@
 """Test setup: without a GPU, Triton kernels run on CPU tensors through the interpreter.
 
 TRITON_INTERPRET must be set before triton is first imported, so this runs before any test module.
-Tests marked `gpu` need CUDA and are skipped without it.
+Tests marked `gpu` need CUDA and are skipped without it. The csrc kernels are tested on both: on a GPU with
+mmkernels._C built, and on the CPU built by tools/cuda_emu (the `csrc_device` fixture).
 """
 
+import functools
+import importlib.util
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,3 +46,48 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@functools.lru_cache(maxsize=None)
+def emulated_csrc_ops():
+    """torch.ops.mmkernels_C for CPU tensors: csrc built by tools/cuda_emu/build.py (once per process)."""
+    path = Path(__file__).resolve().parent.parent / "tools" / "cuda_emu" / "build.py"
+    spec = importlib.util.spec_from_file_location("mmk_cuda_emu_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.load()
+
+
+def use_emulated_csrc(monkeypatch):
+    """Makes the `cuda` backend run CPU tensors through the emulated csrc build, for one test."""
+    from mmkernels import backend
+
+    ops = emulated_csrc_ops()
+    real = backend.availability
+
+    def availability(name, op, device):
+        if name == "cuda" and device.type == "cpu" and "cuda" in backend.registered_ops().get(op, ()):
+            return True, "csrc emulated on the CPU (tools/cuda_emu)"
+        return real(name, op, device)
+
+    monkeypatch.setattr(backend, "availability", availability)
+    monkeypatch.setattr(backend, "cuda_ops", lambda: ops)
+    return ops
+
+
+@pytest.fixture(params=[pytest.param("emulated", id="emulated"), pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")])
+def csrc_device(request, monkeypatch):
+    """The device the csrc kernels (the `cuda` backend) are tested on: a GPU with mmkernels._C built, or the
+    CPU, where tools/cuda_emu builds csrc with each CUDA thread a fiber (where a GPU is, only the real one)."""
+    if request.param == "cuda":
+        from mmkernels import backend
+
+        if not backend.cuda_extension_status()[0]:
+            pytest.skip("mmkernels._C is not built")
+        return torch.device("cuda")
+    if HAS_CUDA:
+        pytest.skip("a GPU is here: the csrc kernels run on it (the cuda variant)")
+    if shutil.which("g++") is None:
+        pytest.skip("the csrc emulation needs g++")
+    use_emulated_csrc(monkeypatch)
+    return torch.device("cpu")

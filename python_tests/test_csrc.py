@@ -1,8 +1,9 @@
 """csrc/: every .cu compiles for Hopper with nvcc (no GPU needed), the binding file is valid C++ against
-torch's headers, the pure-Python install path is taken on a CPU torch, and on a GPU the CUDA kernels match
-the reference."""
+torch's headers, the pure-Python install path is taken on a CPU torch, and the CUDA kernels match the
+reference: on a GPU, and on the CPU through tools/cuda_emu (the `csrc_device` fixture)."""
 
 import glob
+import math
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ import torch
 import mmkernels
 from mmkernels import ops
 from _harness import check_against_reference
+from _tolerance import FLOORS, assert_close_to_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CU_FILES = sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cu")))
@@ -105,46 +107,69 @@ def test_setup_skips_cuda_build_on_cpu_torch():
     assert bad.returncode != 0 and "MMK_BUILD_CUDA: expected one of auto, 0, 1" in bad.stderr
 
 
-def _has_ext():
-    return mmkernels.backend.cuda_extension_status()[0]
+# Rows per shape on a GPU; the emulation (tools/cuda_emu: a fiber per CUDA thread) takes at most 5 of them
+# with MMK_EMU_SM_COUNT=1, so the backward's grid-stride loop over rows still runs (2 blocks of 1024 threads).
+EMULATED_ROWS = 5
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not _has_ext(), reason="mmkernels._C is not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rows,cols", [(1, 17), (333, 4095), (333, 4096), (64, 8192)])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_cuda_rms_norm_matches_reference(dtype, rows, cols, with_residual):
+def test_cuda_rms_norm_matches_reference(csrc_device, monkeypatch, dtype, rows, cols, with_residual):
+    if csrc_device.type == "cpu":
+        rows = min(rows, EMULATED_ROWS)
+        monkeypatch.setenv("MMK_EMU_SM_COUNT", "1")
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, cols, generator=gen).cuda().requires_grad_()
-    w = (1 + 0.5 * torch.randn(cols, generator=gen)).cuda().requires_grad_()
+    x = torch.randn(rows, cols, generator=gen).to(csrc_device).requires_grad_()
+    w = (1 + 0.5 * torch.randn(cols, generator=gen)).to(csrc_device).requires_grad_()
     if with_residual:
-        r = torch.randn(rows, cols, generator=gen).cuda().requires_grad_()
+        r = torch.randn(rows, cols, generator=gen).to(csrc_device).requires_grad_()
         fn, inputs = (lambda x, w, r: ops.rms_norm(x, w, 1e-6, residual=r)), [x, w, r]
     else:
         fn, inputs = (lambda x, w: ops.rms_norm(x, w, 1e-6)), [x, w]
     check_against_reference(fn, inputs, backend="cuda", dtype=dtype, name=f"cuda rms_norm {rows}x{cols}")
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not _has_ext(), reason="mmkernels._C is not built")
-def test_cuda_rms_norm_errors():
-    x = torch.randn(4, 8, device="cuda")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_rms_norm_float32_weight_and_widest_rows(csrc_device, dtype):
+    """A 16-bit x with a float32 weight (a bf16 model's norms with float32 masters), at rows of 4096 and
+    65536 (8 vectors per thread, the widest the kernel holds): against the reference in the same dtypes and
+    in float64."""
+    gen = torch.Generator().manual_seed(1)
+    for rows, cols in ((3, 4096), (2, 65536)):
+        x = torch.randn(rows, cols, generator=gen).to(dtype)
+        w = 1 + 0.5 * torch.randn(cols, generator=gen)
+        dy = torch.randn(rows, cols, generator=gen).to(dtype)
+        results = []
+        for name, xd, wd in (("cuda", x, w), ("reference", x, w), ("reference", x.double(), w.double())):
+            xd = xd.to(csrc_device).requires_grad_()
+            wd = wd.to(csrc_device).requires_grad_()
+            with mmkernels.use_backend(name):
+                y = ops.rms_norm(xd, wd, 1e-6)
+                y.backward(dy.to(csrc_device, y.dtype))
+            results.append((y, xd.grad, wd.grad))
+        for i, what in enumerate(("y", "dx", "dw")):
+            actual, low, high = (r[i].cpu() for r in results)
+            floor = FLOORS[actual.dtype] * math.sqrt(rows) if what == "dw" else None
+            assert_close_to_reference(actual, low, high, f"rms_norm {rows}x{cols} {dtype} {what}", floor=floor)
+
+
+def test_cuda_rms_norm_errors(csrc_device):
+    x = torch.randn(4, 8, device=csrc_device)
     with pytest.raises(RuntimeError, match=r"weight: expected shape \(8\)"):
-        torch.ops.mmkernels_C.rms_norm_fwd(x, None, torch.ones(7, device="cuda"), 1e-6)
+        torch.ops.mmkernels_C.rms_norm_fwd(x, None, torch.ones(7, device=csrc_device), 1e-6)
     with pytest.raises(RuntimeError, match="x: expected a contiguous tensor"):
-        torch.ops.mmkernels_C.rms_norm_fwd(x.t(), None, torch.ones(4, device="cuda"), 1e-6)
+        torch.ops.mmkernels_C.rms_norm_fwd(x.t(), None, torch.ones(4, device=csrc_device), 1e-6)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not _has_ext(), reason="mmkernels._C is not built")
-def test_cuda_decode_attention_errors():
+def test_cuda_decode_attention_errors(csrc_device):
     op = torch.ops.mmkernels_C.decode_attention
-    q, kv = torch.randn(2, 1, 4, 64, device="cuda"), torch.randn(2, 9, 2, 64, device="cuda")
+    dev = csrc_device
+    q, kv = torch.randn(2, 1, 4, 64, device=dev), torch.randn(2, 9, 2, 64, device=dev)
     with pytest.raises(RuntimeError, match="q: expected head dim 64 or 128 for the CUDA decode_attention kernel, got 48"):
         op(q[..., :48], kv[..., :48], kv[..., :48], None, None, None, None, 0.125, True)
     with pytest.raises(RuntimeError, match="q: expected 1 to 16 new queries"):
-        op(torch.randn(2, 17, 4, 64, device="cuda"), kv, kv, None, None, None, None, 0.125, True)
+        op(torch.randn(2, 17, 4, 64, device=dev), kv, kv, None, None, None, None, 0.125, True)
     with pytest.raises(RuntimeError, match="k: expected the last dim contiguous"):
         op(q, kv.transpose(1, 3).contiguous().transpose(1, 3), kv, None, None, None, None, 0.125, True)
     with pytest.raises(RuntimeError, match=r"v: expected dtype Half \(that of q\)"):
@@ -153,10 +178,10 @@ def test_cuda_decode_attention_errors():
         op(q, kv, kv, kv[:1, :3], None, None, None, 0.125, True)
     pk = kv[:1, :3]
     with pytest.raises(RuntimeError, match=r"gate: expected shape \(4\) or \(1\), got \[3\]"):
-        op(q, kv, kv, pk, pk, torch.zeros(3, device="cuda"), None, 0.125, True)
+        op(q, kv, kv, pk, pk, torch.zeros(3, device=dev), None, 0.125, True)
     with pytest.raises(RuntimeError, match="gate: expected dtype float32"):
-        op(q, kv, kv, pk, pk, torch.zeros(4, device="cuda", dtype=torch.float16), None, 0.125, True)
+        op(q, kv, kv, pk, pk, torch.zeros(4, device=dev, dtype=torch.float16), None, 0.125, True)
     with pytest.raises(RuntimeError, match="kv_start: expected dtype int32"):
-        op(q, kv, kv, None, None, None, torch.zeros(2, device="cuda", dtype=torch.int64), 0.125, True)
+        op(q, kv, kv, None, None, None, torch.zeros(2, device=dev, dtype=torch.int64), 0.125, True)
     with pytest.raises(RuntimeError, match=r"kv_start: expected shape \(2\), got \[3\]"):
-        op(q, kv, kv, None, None, None, torch.zeros(3, device="cuda", dtype=torch.int32), 0.125, True)
+        op(q, kv, kv, None, None, None, torch.zeros(3, device=dev, dtype=torch.int32), 0.125, True)

@@ -62,11 +62,49 @@ def test_triton_matches_reference(device, case, dtype):
     _check("triton", case, device, dtype)
 
 
-@pytest.mark.gpu
+# The csrc kernel's head dims, plus shapes that reach its other paths: 8 rows per CTA in several row tiles
+# (T=16, GQA 4), many key splits with leading ones emptied by kv_start, a split boundary inside the causal
+# tail (T > 1), and per-sample prompts at L_p=128, the most it takes.
+CUDA_CASES = [c for c in CASES if c[5] in mod.CUDA_HEAD_DIMS] + [
+    (2, 16, 40, 8, 2, 64, 64, 2, 8, "tanh", (0, 39)),
+    (1, 1, 1000, 4, 1, 128, 10, 1, 1, "raw", (333,)),
+    (3, 5, 515, 4, 2, 64, 0, 1, 1, "tanh", (0, 130, 514)),
+    (2, 2, 129, 2, 1, 128, 128, 2, 2, "tanh", None),
+]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", [c for c in CASES if c[5] in mod.CUDA_HEAD_DIMS], ids=str)
-def test_cuda_matches_reference(case, dtype):
-    _check("cuda", case, "cuda", dtype)
+@pytest.mark.parametrize("case", CUDA_CASES, ids=str)
+def test_cuda_matches_reference(csrc_device, case, dtype):
+    _check("cuda", case, csrc_device, dtype)
+
+
+@pytest.mark.parametrize("sm_count", ["1", "132"])
+def test_cuda_unaligned_rows_take_the_scalar_loads(csrc_device, monkeypatch, sm_count):
+    """K/V rows that are not 16-byte aligned (a cache whose rows are padded by one element) run the kernel
+    instantiated for scalar loads; one SM's worth of splits and an H100's."""
+    monkeypatch.setenv("MMK_EMU_SM_COUNT", sm_count)  # read by the emulation only
+    gen = torch.Generator().manual_seed(3)
+    b, t, s, h, hkv, d, lp = 2, 3, 300, 4, 2, 64, 7
+    for dtype in (torch.float32, torch.float16):
+        def padded(*shape):  # rows one element longer than the head dim (sliced after any copy)
+            return torch.randn(*shape[:-1], shape[-1] + 1, generator=gen, dtype=torch.float64).to(dtype)
+
+        q = torch.randn(b, t, h, d, generator=gen, dtype=torch.float64).to(dtype)
+        bufs = [padded(b, s, hkv, d), padded(b, s, hkv, d), padded(1, lp, hkv, d), padded(1, lp, hkv, d)]
+        gate = 0.5 * torch.randn(h, generator=gen)
+        kv_start = torch.tensor([3, 0], dtype=torch.int32)
+
+        def run(backend_name, device, cast):
+            k, v, pk, pv = (cast(x).to(device)[..., :d] for x in bufs)
+            assert backend_name == "reference" or all(x.stride(1) * x.element_size() % 16 for x in (k, v, pk, pv))
+            prompt = dict(prompt_k=pk, prompt_v=pv, gate=gate.to(device))
+            return _run(backend_name, cast(q).to(device), k, v, prompt, kv_start.to(device)).cpu()
+
+        high = run("reference", "cpu", lambda x: x.double())
+        low = run("reference", "cpu", lambda x: x)
+        actual = run("cuda", csrc_device, lambda x: x)
+        assert_close_to_reference(actual, low, high, f"decode cuda unaligned {dtype}")
 
 
 @pytest.mark.gpu

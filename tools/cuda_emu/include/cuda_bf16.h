@@ -1,0 +1,2 @@
+#pragma once
+#include "mmk_cuda_emu_device.h"
