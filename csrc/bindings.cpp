@@ -48,18 +48,28 @@ void check_cols(const at::Tensor& x) {
               "x: row length ", x.size(1), " is not supported by the CUDA rms_norm kernel");
 }
 
+// Rows too long for the scalar path (rms_norm_needs_vectors) are read as 16-byte vectors, so an operand at a
+// misaligned address (a contiguous view at an odd offset) is first copied to fresh, aligned memory.
+at::Tensor aligned_rows(const at::Tensor& t, int64_t n) {
+  const bool misaligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0;
+  return misaligned && mmk::rms_norm_needs_vectors(static_cast<int>(n)) ? t.clone() : t;
+}
+
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x,
-                                                            const std::optional<at::Tensor>& residual,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x_in,
+                                                            const std::optional<at::Tensor>& residual_in,
                                                             const at::Tensor& weight, double eps) {
-  check_rows(x, "x", x);
-  check_weight(weight, x);
-  check_cols(x);
-  if (residual.has_value()) check_rows(*residual, "residual", x);
-  const c10::cuda::CUDAGuard guard(x.device());
+  check_rows(x_in, "x", x_in);
+  check_weight(weight, x_in);
+  check_cols(x_in);
+  if (residual_in.has_value()) check_rows(*residual_in, "residual", x_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = aligned_rows(x_in, x_in.size(1));
+  const std::optional<at::Tensor> residual =
+      residual_in.has_value() ? std::optional<at::Tensor>(aligned_rows(*residual_in, x.size(1))) : std::nullopt;
   auto y = at::empty_like(x);
   auto h = residual.has_value() ? at::empty_like(x) : at::empty({0}, x.options());
   auto rstd = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
@@ -72,18 +82,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x,
   return {y, h, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& h, const at::Tensor& weight,
-                                                const at::Tensor& rstd, const std::optional<at::Tensor>& dh_extra) {
-  check_rows(h, "h", h);
-  check_rows(dy, "dy", h);
-  check_weight(weight, h);
-  check_cols(h);
-  TORCH_CHECK(rstd.is_cuda() && rstd.scalar_type() == at::kFloat && rstd.dim() == 1 && rstd.size(0) == h.size(0) &&
-                  rstd.is_contiguous(),
-              "rstd: expected a contiguous float32 CUDA tensor of shape (", h.size(0), "), got ", rstd.sizes(), " ",
-              rstd.scalar_type());
-  if (dh_extra.has_value()) check_rows(*dh_extra, "dh_extra", h);
-  const c10::cuda::CUDAGuard guard(h.device());
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy_in, const at::Tensor& h_in,
+                                                const at::Tensor& weight, const at::Tensor& rstd,
+                                                const std::optional<at::Tensor>& dh_extra_in) {
+  check_rows(h_in, "h", h_in);
+  check_rows(dy_in, "dy", h_in);
+  check_weight(weight, h_in);
+  check_cols(h_in);
+  TORCH_CHECK(rstd.is_cuda() && rstd.scalar_type() == at::kFloat && rstd.dim() == 1 &&
+                  rstd.size(0) == h_in.size(0) && rstd.is_contiguous(),
+              "rstd: expected a contiguous float32 CUDA tensor of shape (", h_in.size(0), "), got ", rstd.sizes(),
+              " ", rstd.scalar_type());
+  if (dh_extra_in.has_value()) check_rows(*dh_extra_in, "dh_extra", h_in);
+  const c10::cuda::CUDAGuard guard(h_in.device());
+  const at::Tensor h = aligned_rows(h_in, h_in.size(1));
+  const at::Tensor dy = aligned_rows(dy_in, h_in.size(1));
+  const std::optional<at::Tensor> dh_extra =
+      dh_extra_in.has_value() ? std::optional<at::Tensor>(aligned_rows(*dh_extra_in, h_in.size(1))) : std::nullopt;
   const int64_t m = h.size(0);
   const int n = static_cast<int>(h.size(1));
   const int blocks = mmk::rms_norm_bwd_blocks(m, n, h.get_device());

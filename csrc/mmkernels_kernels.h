@@ -13,6 +13,10 @@ enum Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // up to 8192 elements, or 8192 vectors of 16 bytes when n is a multiple of the vector width).
 bool rms_norm_supports(Dtype dtype, int n);
 
+// Whether rows of n elements need the vector path (more than 8192 elements): every operand row must then be
+// 16-byte aligned, or the launchers return cudaErrorInvalidValue.
+bool rms_norm_needs_vectors(int n);
+
 // y = h * rstd * w with h = x (+ residual, rounded to x's dtype and written to h when residual != null).
 // x, residual, y, h: (m, n) contiguous of `dtype`; w: (n,) of `wdtype` (== dtype or kFloat32); rstd: (m,).
 cudaError_t rms_norm_fwd(Dtype dtype, Dtype wdtype, const void* x, const void* residual, const void* w, void* y,

@@ -204,6 +204,8 @@ bool rms_norm_supports(Dtype dtype, int n) {
   return n > 0 && row_shape(n, vec).iters <= kMaxIters;
 }
 
+bool rms_norm_needs_vectors(int n) { return row_shape(n, 1).iters > kMaxIters; }
+
 cudaError_t rms_norm_fwd(Dtype dtype, Dtype wdtype, const void* x, const void* residual, const void* w, void* y,
                          void* h, float* rstd, int64_t m, int n, float eps, cudaStream_t stream) {
   if (m == 0) return cudaSuccess;

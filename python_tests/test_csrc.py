@@ -154,6 +154,30 @@ def test_cuda_rms_norm_float32_weight_and_widest_rows(csrc_device, dtype):
             assert_close_to_reference(actual, low, high, f"rms_norm {rows}x{cols} {dtype} {what}", floor=floor)
 
 
+def test_cuda_rms_norm_misaligned_wide_rows(csrc_device):
+    """Rows of more than 8192 elements are only read as 16-byte vectors, so a contiguous operand at a
+    misaligned address (a view at an odd offset) is copied to aligned memory first; the launch refused it
+    ("invalid argument") before, and the automatic choice sent such rows there."""
+    n, gen = 16384, torch.Generator().manual_seed(2)
+
+    def odd_view(rows):  # contiguous, 2 bytes past a 16-byte boundary
+        return torch.randn(rows * n + 1, generator=gen).half().to(csrc_device)[1:].view(rows, n)
+
+    x, residual, dy, extra = odd_view(3), odd_view(3), odd_view(3), odd_view(3)
+    w = torch.randn(n, generator=gen).to(csrc_device)
+    assert x.is_contiguous() and x.data_ptr() % 16 == 2
+    op = torch.ops.mmkernels_C
+    y, h, rstd = op.rms_norm_fwd(x, residual, w, 1e-6)
+    y_ref, h_ref, rstd_ref = op.rms_norm_fwd(x.clone(), residual.clone(), w, 1e-6)
+    assert torch.equal(y, y_ref) and torch.equal(h, h_ref) and torch.equal(rstd, rstd_ref)
+    dh, dw = op.rms_norm_bwd(dy, odd_view(3).copy_(h), w, rstd, extra)
+    dh_ref, dw_ref = op.rms_norm_bwd(dy.clone(), h, w, rstd, extra.clone())
+    assert torch.equal(dh, dh_ref) and torch.equal(dw, dw_ref)
+    with mmkernels.use_backend("reference"):
+        expected = ops.rms_norm(x.float(), w, 1e-6, residual=residual.float())[0]
+    torch.testing.assert_close(y.float(), expected, rtol=2e-3, atol=2e-3)
+
+
 def test_cuda_rms_norm_errors(csrc_device):
     x = torch.randn(4, 8, device=csrc_device)
     with pytest.raises(RuntimeError, match=r"weight: expected shape \(8\)"):
