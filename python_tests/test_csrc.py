@@ -178,6 +178,66 @@ def test_cuda_rms_norm_misaligned_wide_rows(csrc_device):
     torch.testing.assert_close(y.float(), expected, rtol=2e-3, atol=2e-3)
 
 
+def test_the_cuda_backend_inside_a_model(csrc_device, monkeypatch):
+    """The automatic backend choice sends a model's calls to csrc where a kernel serves them (every RMSNorm,
+    decoding at head dim 64, PaCA's fused step): LLaMA-Adapter V1 generation of a left-padded batch gives
+    the reference backend's tokens, and two PaCA training steps its losses and deltas."""
+    from mmkernels import backend
+    from mmkernels.methods import llama_adapter as la, paca
+    from mmkernels.models import Llama, LlamaConfig
+
+    used = set()
+    real_ops = backend.cuda_ops
+
+    class Recorder:
+        def __getattr__(self, name):
+            used.add(name)
+            return getattr(real_ops(), name)
+
+    monkeypatch.setattr(backend, "cuda_ops", Recorder)
+    cfg = LlamaConfig(vocab_size=61, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+
+    def model(method):
+        torch.manual_seed(0)
+        m = Llama(cfg)
+        if method == "llama_adapter":
+            la.apply(m, la.LlamaAdapterConfig(version=1, prompt_len=3, prompt_layers=2, gate_init=0.5))
+            with torch.no_grad():
+                for p in la.adapter_parameters(m).values():
+                    p.normal_(0, 0.5)
+        else:
+            paca.apply(m, paca.PaCAConfig(rank=4, seed=1))
+        return m.to(csrc_device)
+
+    prompts = [[5, 9, 2, 33, 7, 1, 8], [4, 4], [60, 3, 17, 9]]
+    runs = {}
+    for name in (None, "reference"):
+        with mmkernels.use_backend(name), torch.no_grad():
+            runs[name] = model("llama_adapter").eval().generate(prompts, max_new_tokens=6, pad_id=0)
+    assert runs[None] == runs["reference"]
+    assert {"rms_norm_fwd", "decode_attention"} <= used
+
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1)).to(csrc_device)
+    for name in (None, "reference"):
+        with mmkernels.use_backend(name):
+            m = model("paca")
+            opt = paca.fused_optimizer(m, [{"params": list(paca.adapter_parameters(m).values())}], lr=1e-2)
+            losses = []
+            for _ in range(2):
+                logits = m(ids[:, :-1])
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+            runs[name] = (losses, [d.detach().cpu() for d in paca.adapter_parameters(m).values()])
+    assert {"rms_norm_bwd", "paca_adamw_sync"} <= used
+    torch.testing.assert_close(runs[None][0], runs["reference"][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(runs[None][1], runs["reference"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_cuda_rms_norm_errors(csrc_device):
     x = torch.randn(4, 8, device=csrc_device)
     with pytest.raises(RuntimeError, match=r"weight: expected shape \(8\)"):
