@@ -1,6 +1,7 @@
 """Test setup: without a GPU, Triton kernels run on CPU tensors through the interpreter.
 
-TRITON_INTERPRET must be set before triton is first imported, so this runs before any test module.
+TRITON_INTERPRET must be set before triton is first imported, so this runs before any test module. It also
+mends the interpreter's bfloat16 (_interpreter_bf16.py), so bf16 kernels are tested on CPU too.
 Tests marked `gpu` need CUDA and are skipped without it. The csrc kernels are tested on both: on a GPU with
 mmkernels._C built, and on the CPU built by tools/cuda_emu (the `csrc_device` fixture).
 """
@@ -17,6 +18,11 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    if importlib.util.find_spec("triton") is not None:
+        # the interpreter's bfloat16 made a GPU's (rounded casts, tl.dot on float32 copies)
+        import _interpreter_bf16
+
+        _interpreter_bf16.install()
 
 
 def pytest_configure(config):

@@ -7,8 +7,8 @@ fixture answers "yes, 132 SMs" (an H100/H200), so the interpreter runs the GPU t
 attention blocks, 64-wide chunks, split counts sized for 132 SMs. Every case is larger than one GPU tile in the
 dimension that tile covers and not a multiple of it (each test asserts that from the config function itself),
 so partial tiles and several programs per dimension are exercised. Forward and every input gradient, triton
-vs reference, with the tolerance rule of _tolerance.py, in float32 and (where cheap) float16; bf16 needs a
-GPU (the interpreter's tl.dot on bf16 is wrong in triton 3.9).
+vs reference, with the tolerance rule of _tolerance.py, in float32 and (where cheap) float16; bf16 runs at the
+interpreter tiles in test_bf16_interpreted.py and at the GPU tiles on a GPU.
 
 Families whose tiles do not depend on the device (rope, swiglu, linear_cross_entropy, paca_adamw) are run
 once above their tile size too. lora_linear has no Triton kernel (its GEMMs are torch.matmul) and is not here.

@@ -144,8 +144,6 @@ def test_hyperparameters(device, backend_name, betas, weight_decay):
 def test_kernel_is_torch_order_with_ieee_sqrt(device, wdtype, idx_dtype, beta1):
     """The kernel against torch operations in AdamW's order, with a correctly rounded sqrt: bit for bit.
     Strided delta, grad and states, and a weight stored transposed."""
-    if wdtype == torch.bfloat16 and device.type == "cpu":
-        pytest.skip("the Triton interpreter truncates fp32 -> bf16 conversions (a GPU rounds to nearest)")
     gen = torch.Generator().manual_seed(4)
     d_out, d_in, r = 37, 40, 17
     weight = torch.randn(d_in, d_out, generator=gen).to(device, wdtype).t()  # strides (1, d_out)
@@ -395,11 +393,8 @@ def test_cuda_backend(csrc_device, wdtype, shape):
         rest = _rest(layers[0])
         assert torch.equal(layers[0].weight[:, rest], w0[:, rest])
         results[name] = (layers[0].delta.detach(), opt.state[layers[0].delta]["exp_avg_sq"], layers[0].weight)
-    # The Triton interpreter (CPU) casts float32 to bfloat16 by truncation where a GPU rounds to nearest even,
-    # so on CPU the bf16 weight is compared with torch's alone.
-    interpreted_bf16 = csrc_device.type == "cpu" and wdtype == torch.bfloat16
     for a, b in zip(results["cuda"], results["triton"]):
-        assert torch.equal(a, b) or (interpreted_bf16 and a.dtype == torch.bfloat16)
+        assert torch.equal(a, b)
     d, v, w = results["cuda"]
     td, tv, tw = results["torch"]
     torch.testing.assert_close(d, td, rtol=1e-6, atol=12 * F32_EPS * 1e-2)
