@@ -18,3 +18,26 @@ def test_default_train_learns_the_demo_task(tmp_path, monkeypatch, capsys):
     assert summary["steps"] == 400 and summary["trainable_params"] == 121_480
     out = capsys.readouterr().out
     assert "held-out accuracy" in out and "after" in out
+
+
+def test_demo_files_appear_whole(tmp_path, monkeypatch):
+    """Every process of a torchrun run writes the demo data set while others may read it (a 2-process run read
+    an empty eval.jsonl once): its files are only ever renamed into place, never opened for writing under
+    their own names."""
+    import builtins
+    import os
+
+    from mmkernels.train import demo
+
+    written = []
+
+    def spy(path, mode="r", *args, **kwargs):
+        if "w" in mode:
+            written.append(os.path.basename(path))
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(demo, "open", spy, raising=False)
+    paths = demo.write_dataset(str(tmp_path), 6, 3, seed=0, image_size=16)
+    assert written and not {"train.jsonl", "eval.jsonl", "settings.json"} & set(written)
+    assert sorted(os.listdir(tmp_path)) == ["eval.jsonl", "images", "settings.json", "train.jsonl"]
+    assert [len(open(paths[s]).readlines()) for s in ("train", "eval")] == [6, 3]

@@ -83,8 +83,15 @@ def write_dataset(out_dir: str, n_train: int, n_eval: int, seed: int, image_size
         for i in range(count):
             kind = KINDS[i % len(KINDS)]
             rows.append(_record(kind, rng, f"{split}_{i:05d}.npy", image_dir, image_size))
-        with open(paths[split], "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rows)
-    with open(manifest, "w", encoding="utf-8") as fh:
-        json.dump(settings, fh)
+        _write_whole(paths[split], "".join(json.dumps(r) + "\n" for r in rows))
+    _write_whole(manifest, json.dumps(settings))
     return paths
+
+
+def _write_whole(path: str, text: str) -> None:
+    """Every process of a torchrun run writes the same data set: each file appears whole (a temporary file
+    renamed over it), so a process reading it while another writes never sees a partial one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
