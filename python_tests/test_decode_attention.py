@@ -79,6 +79,33 @@ def test_cuda_matches_reference(csrc_device, case, dtype):
     _check("cuda", case, csrc_device, dtype)
 
 
+def _random_cases(count, seed):
+    """Shapes in CASES' format that the csrc kernel takes: head dim 64/128, GQA groups 1-5, 1-16 queries, caches
+    from T to 900 keys with kv_start anywhere in them (rows that see nothing included), prompts of 1-128 keys
+    shared or per sample, either gate form."""
+    import random
+
+    rng = random.Random(seed)
+    cases = []
+    for _ in range(count):
+        b, t, hkv, g = rng.randint(1, 3), rng.randint(1, 16), rng.choice([1, 2, 3]), rng.choice([1, 2, 4, 5])
+        s = rng.choice([t, t + rng.randint(1, 40), rng.randint(t, 900)])
+        lp = rng.choice([0, 1, rng.randint(2, 128)])
+        starts = None if rng.random() < 0.4 else tuple(rng.randint(0, s) for _ in range(b))
+        cases.append((b, t, s, hkv * g, hkv, rng.choice([64, 128]), lp, rng.choice([1, b]),
+                      rng.choice([1, hkv * g]), rng.choice(["tanh", "raw"]), starts))
+    return cases
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_random_shapes(csrc_device, monkeypatch, dtype):
+    """12 seeded random shapes per dtype, with the grid sized for one SM, seven or an H100's 132 (the
+    emulation reads MMK_EMU_SM_COUNT; a GPU sizes it for itself)."""
+    for i, case in enumerate(_random_cases(12, seed={torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype])):
+        monkeypatch.setenv("MMK_EMU_SM_COUNT", ("1", "7", "132")[i % 3])
+        _check("cuda", case, csrc_device, dtype)
+
+
 @pytest.mark.parametrize("sm_count", ["1", "132"])
 def test_cuda_unaligned_rows_take_the_scalar_loads(csrc_device, monkeypatch, sm_count):
     """K/V rows that are not 16-byte aligned (a cache whose rows are padded by one element) run the kernel

@@ -140,9 +140,9 @@ def rms_norm(
     The statistics are computed in float32 and y is returned in x's dtype. Gradients flow to x, weight
     and residual. The CUDA kernel takes rows of up to 8192 elements, or up to 8192 16-byte vectors when the
     row length is a multiple of one (32768 float32, 65536 16-bit elements), and a weight in x's dtype or
-    float32; the automatic backend choice uses the
-    Triton kernel otherwise, while a forced `cuda` backend raises. With `residual`, the sum h is returned for the next residual connection, so a
-    transformer block needs no separate add kernel.
+    float32; the automatic backend choice uses the Triton kernel otherwise, while a forced `cuda` backend
+    raises. With `residual`, the sum h is returned for the next residual connection, so a transformer block
+    needs no separate add kernel.
     """
     _checks.tensor("x", x, ndim=range(1, 9))
     _checks.tensor("weight", weight, ndim=1)
