@@ -124,8 +124,8 @@ def test_csrc_results_do_not_depend_on_thread_order(monkeypatch):
     every value a thread reads from shared memory or another lane was ordered by a barrier or a shuffle."""
     use_emulated_csrc(monkeypatch)
     gen = torch.Generator().manual_seed(5)
-    q, k, v = torch.randn(2, 3, 8, 64, generator=gen), torch.randn(2, 700, 2, 64, generator=gen), None
-    v = torch.randn(2, 700, 2, 64, generator=gen)
+    q = torch.randn(2, 3, 8, 64, generator=gen)
+    k, v = torch.randn(2, 700, 2, 64, generator=gen), torch.randn(2, 700, 2, 64, generator=gen)
     pk, pv = torch.randn(2, 10, 2, 64, generator=gen), torch.randn(2, 10, 2, 64, generator=gen)
     gate = torch.randn(8, generator=gen)
     x, r = torch.randn(6, 4096, generator=gen).half(), torch.randn(6, 4096, generator=gen).half()
