@@ -97,6 +97,11 @@ def test_runtime_semantics(selftest, schedule):
     assert selftest("early_exit_then_barrier", schedule) == " ".join(str(i ^ 31) for i in range(32))
 
 
+def test_shared_memory_starts_poisoned_in_every_block(selftest):
+    """A block reading shared memory it did not write gets the poison (-1 as an int), not block 0's values."""
+    assert selftest("stale_shared") == " ".join([str(100 + i) for i in range(32)] + ["-1"] * 32)
+
+
 def test_a_missing_barrier_shows(selftest):
     right = " ".join(str((i + 1) % 64 + 1) for i in range(64))
     forward, reverse = selftest("neighbour_without_barrier"), selftest("neighbour_without_barrier", "reverse")

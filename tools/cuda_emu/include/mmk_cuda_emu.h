@@ -2,7 +2,7 @@
 //
 // One block runs at a time. Its threads are fibers (ucontext) on the calling thread: a fiber runs until it
 // reaches __syncthreads, a warp shuffle or its end, then the next fiber runs. So `__shared__` is a static
-// (one block's shared memory), a barrier waits for every thread of the block that has not exited, and a
+// (one block's shared memory, filled with 0xff bytes before each block), a barrier waits for every thread of the block that has not exited, and a
 // shuffle waits for the 32 lanes of its warp. What the emulator refuses with an error (the launch fails
 // with cudaErrorLaunchFailure and says why): a barrier reached from two different places in one phase, a
 // shuffle with a lane that exited or does not exist, a partial shuffle mask, a deadlock, a launch
@@ -36,6 +36,11 @@ struct dim3 {
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 using uint3 = dim3;
+
+// The linker's bounds of the section holding every `__shared__` variable (mmk_cuda_emu_device.h); null where
+// no kernel declares one.
+extern "C" char __start_mmk_cuda_emu_shared[] __attribute__((weak));
+extern "C" char __stop_mmk_cuda_emu_shared[] __attribute__((weak));
 
 namespace mmk_emu {
 
@@ -217,6 +222,9 @@ inline bool run_block() {
     makecontext(&f.ctx, fiber_entry, 0);
   }
   for (Warp& w : s.warps) w = Warp{};
+  if (__start_mmk_cuda_emu_shared != nullptr) {  // shared memory starts undefined: poisoned, not left over
+    std::memset(__start_mmk_cuda_emu_shared, 0xff, __stop_mmk_cuda_emu_shared - __start_mmk_cuda_emu_shared);
+  }
   s.live = n;
   s.arrived = 0;
   s.site = nullptr;

@@ -15,7 +15,10 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static  // one block runs at a time, so a static is that block's shared memory
+// One block runs at a time, so a static is that block's shared memory. All of them live in one section, which
+// the launcher fills with 0xff bytes before each block (NaN as a float, -1 as an integer): a kernel that reads
+// shared memory its block did not write sees that, not a value left by an earlier block.
+#define __shared__ static __attribute__((section("mmk_cuda_emu_shared")))
 
 #define threadIdx (::mmk_emu::state().cur->idx)
 #define blockIdx (::mmk_emu::state().block_idx)
