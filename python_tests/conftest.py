@@ -55,13 +55,19 @@ def one_thread():
 
 
 @functools.lru_cache(maxsize=None)
-def emulated_csrc_ops():
-    """torch.ops.mmkernels_C for CPU tensors: csrc built by tools/cuda_emu/build.py (once per process)."""
+def cuda_emu_build():
+    """The module tools/cuda_emu/build.py (tools/ is not a package)."""
     path = Path(__file__).resolve().parent.parent / "tools" / "cuda_emu" / "build.py"
     spec = importlib.util.spec_from_file_location("mmk_cuda_emu_build", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.load()
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def emulated_csrc_ops():
+    """torch.ops.mmkernels_C for CPU tensors: csrc built by tools/cuda_emu/build.py (once per process)."""
+    return cuda_emu_build().load()
 
 
 def use_emulated_csrc(monkeypatch):

@@ -2,7 +2,7 @@
 indices), the faults it must expose, and that csrc's kernels give the same bits whatever order their
 threads run in (a missing barrier would not)."""
 
-import importlib.util
+import functools
 import os
 import re
 import shutil
@@ -15,14 +15,11 @@ import torch
 
 import mmkernels
 from mmkernels import ops
-from conftest import HAS_CUDA, use_emulated_csrc
+from conftest import HAS_CUDA, cuda_emu_build, use_emulated_csrc
 
 ROOT = Path(__file__).resolve().parent.parent
 EMU = ROOT / "tools" / "cuda_emu"
-
-_spec = importlib.util.spec_from_file_location("mmk_cuda_emu_build", EMU / "build.py")
-build = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(build)
+build = cuda_emu_build()
 
 needs_gpp = pytest.mark.skipif(shutil.which("g++") is None, reason="the csrc emulation needs g++")
 
@@ -50,6 +47,7 @@ def test_bindings_edits_are_all_found():
         build.edit_bindings(text.replace("TORCH_LIBRARY_IMPL(mmkernels_C, CUDA, m)", ""))
 
 
+@functools.lru_cache(maxsize=None)
 def _asan_runtime():
     """gcc's AddressSanitizer runtime (to preload into a Python that loads a sanitized library), or None."""
     if shutil.which("gcc") is None:
@@ -58,6 +56,8 @@ def _asan_runtime():
     return path if os.path.isabs(path) and os.path.exists(path) else None
 
 
+needs_asan = pytest.mark.skipif(shutil.which("g++") is None or _asan_runtime() is None,
+                                reason="needs g++ with AddressSanitizer")
 ASAN_ENV = {"ASAN_OPTIONS": "detect_leaks=0"}
 ASAN_FIBER_WARNING = "WARNING: ASan doesn't fully support makecontext/swapcontext"
 
@@ -155,7 +155,7 @@ def test_csrc_results_do_not_depend_on_thread_order(monkeypatch):
         assert torch.equal(a, b)
 
 
-@pytest.mark.skipif(shutil.which("g++") is None or _asan_runtime() is None, reason="needs g++ with AddressSanitizer")
+@needs_asan
 def test_asan_sees_a_kernel_read_past_its_array(tmp_path):
     """The check below can fail: a kernel thread (a fiber) reading one element past a heap array is reported."""
     exe = _build_selftest(tmp_path, "-fsanitize=address", "-g")
@@ -165,7 +165,7 @@ def test_asan_sees_a_kernel_read_past_its_array(tmp_path):
     assert "ERROR: AddressSanitizer: heap-buffer-overflow" in res.stderr and "read_past_the_end" in res.stderr
 
 
-@pytest.mark.skipif(shutil.which("g++") is None or _asan_runtime() is None, reason="needs g++ with AddressSanitizer")
+@needs_asan
 @pytest.mark.skipif(HAS_CUDA, reason="a GPU is here: csrc runs on it")
 def test_csrc_stays_inside_its_memory_under_asan():
     """Every csrc op over every dtype, on exactly sized tensors, built with AddressSanitizer

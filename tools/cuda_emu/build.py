@@ -7,8 +7,9 @@ see include/mmk_cuda_emu.h), with every `kernel<<<grid, block, smem, stream>>>(a
 `::mmk_emu::launch([&] { kernel(args); }, grid, block, smem, stream);`. `bindings.cpp` compiles with its
 device checks and dispatch key moved from CUDA to CPU tensors (`is_cuda` -> `is_cpu`, `CUDA` -> `CPU`).
 Loading the library (`torch.ops.load_library`) registers the `torch.ops.mmkernels_C` ops for CPU
-tensors, the same ops the `cuda` backend calls. python_tests/test_csrc_emulated.py runs them against the
-reference. A machine with a GPU runs the real build instead; this is how csrc is tested without one.
+tensors, the same ops the `cuda` backend calls. The `csrc_device` fixture (python_tests/conftest.py) runs the
+csrc tests on them; python_tests/test_cuda_emu.py tests the emulator itself. A machine with a GPU runs the
+real build instead; this is how csrc is tested without one.
 """
 
 from __future__ import annotations

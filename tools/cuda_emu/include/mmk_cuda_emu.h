@@ -2,8 +2,8 @@
 //
 // One block runs at a time. Its threads are fibers (ucontext) on the calling thread: a fiber runs until it
 // reaches __syncthreads, a warp shuffle or its end, then the next fiber runs. So `__shared__` is a static
-// (one block's shared memory, filled with 0xff bytes before each block), a barrier waits for every thread of the block that has not exited, and a
-// shuffle waits for the 32 lanes of its warp. What the emulator refuses with an error (the launch fails
+// (one block's shared memory, filled with 0xff bytes before each block), a barrier waits for every thread
+// of the block that has not exited, and a shuffle waits for the 32 lanes of its warp. What the emulator refuses with an error (the launch fails
 // with cudaErrorLaunchFailure and says why): a barrier reached from two different places in one phase, a
 // shuffle with a lane that exited or does not exist, a partial shuffle mask, a deadlock, a launch
 // configuration a GPU rejects. MMK_EMU_SCHEDULE=reverse runs the fibers in the opposite order, so a
