@@ -59,3 +59,97 @@ def test_bad_input():
         ScaleBiasLinear(nn.Conv1d(2, 2, 1))
     with pytest.raises(ValueError, match=r"x: expected last dim 24"):
         ScaleBiasLinear(_base(False))(torch.randn(2, 23))
+
+
+def _formula(layer, x):
+    """The layer's function written out in float64 with autograd (s, b as leaves)."""
+    w = layer.weight.double()
+    b0 = layer.base_bias.double() if layer.base_bias is not None else 0.0
+    s = layer.scale.detach().double().requires_grad_(layer.scale.requires_grad)
+    b = layer.bias.detach().double().requires_grad_()
+    if layer.form == "output":
+        y = s * (x @ w.T + b0 + b)
+    else:
+        y = (x * s) @ w.T + b0 + b
+    return y, s, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("form", ["output", "input"])
+def test_gradients_match_the_formula(form, dtype):
+    """dx, ds and db against the float64 formula: within 3x the error of the plain-PyTorch layer in the same
+    dtype (autograd of the float32 epilogue, as the layer computed it before saving only x's dtype)."""
+    from _tolerance import assert_close_to_reference
+
+    layer = ScaleBiasLinear(_base(True, seed=1).to(dtype), form)
+    with torch.no_grad():
+        layer.scale.uniform_(0.5, 1.5)
+        layer.bias.normal_()
+    x = torch.randn(3, 17, 24, dtype=dtype)
+    dy = torch.randn(3, 17, 40, dtype=dtype)
+
+    def grads_of(fn, xin, params):
+        xin = xin.detach().requires_grad_()
+        out = fn(xin)
+        out.backward(dy.to(out.dtype))
+        return [xin.grad] + [p.grad for p in params]
+
+    got = grads_of(layer, x, [layer.scale, layer.bias])
+    xd = x.double().requires_grad_()
+    y64, s64, b64 = _formula(layer, xd)
+    y64.backward(dy.double())
+    high = [xd.grad, s64.grad, b64.grad]
+
+    def plain(xin):  # the epilogue left to autograd, in float32 around the GEMM in dtype
+        acc = torch.float32
+        if form == "output":
+            return ((nn.functional.linear(xin, layer.weight).to(acc) + layer.bias + layer.base_bias.float())
+                    * layer.scale).to(dtype)
+        y = nn.functional.linear((xin.to(acc) * layer.scale).to(dtype), layer.weight)
+        return (y.to(acc) + layer.bias + layer.base_bias.float()).to(dtype)
+
+    layer.scale.grad = layer.bias.grad = None
+    low = grads_of(plain, x, [layer.scale, layer.bias])
+    for name, g, lo, hi in zip(("dx", "dscale", "dbias"), got, low, high):
+        assert g.dtype == lo.dtype, name
+        assert_close_to_reference(g, lo, hi, name, floor=1e-6)
+
+
+@pytest.mark.parametrize("form", ["output", "input"])
+def test_a_frozen_scale_saves_nothing_and_its_gradients_still_flow(form):
+    layer = ScaleBiasLinear(_base(True), form)
+    layer.scale.requires_grad_(False)
+    x = torch.randn(5, 24, requires_grad=True)
+    saved = _saved(lambda: layer(x), {*layer.parameters(), *layer.buffers()})
+    assert saved == []
+    layer(x).square().sum().backward()
+    assert x.grad is not None and layer.bias.grad is not None and layer.scale.grad is None
+
+
+def _saved(fn, params):
+    """The tensors fn's autograd graph saves, other than `params` (by storage, each once)."""
+    params = {p.untyped_storage().data_ptr() for p in params}
+    out = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            out.setdefault(ptr, t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return [t for t in out.values() if t.numel() > 40]  # leave out the (40,) scale and bias-sized vectors
+
+
+def test_saves_one_tensor_in_the_input_dtype():
+    """The output form saves W x (bf16, as the GEMM wrote it); the input form saves x, and three layers
+    reading one x (q, k, v) save it once. Neither keeps a float32 copy of a (tokens x features) tensor."""
+    x = torch.randn(6, 24, dtype=torch.bfloat16, requires_grad=True)
+    out_layer = ScaleBiasLinear(_base(False).to(torch.bfloat16), "output")
+    saved = _saved(lambda: out_layer(x), {*out_layer.parameters()})
+    assert [(t.shape, t.dtype) for t in saved] == [(torch.Size([6, 40]), torch.bfloat16)]
+    layers = [ScaleBiasLinear(_base(False, seed=i).to(torch.bfloat16), "input") for i in range(3)]
+    params = {p for layer in layers for p in layer.parameters()}
+    saved = _saved(lambda: [layer(x) for layer in layers], params)
+    assert len(saved) == 1 and saved[0].data_ptr() == x.data_ptr()

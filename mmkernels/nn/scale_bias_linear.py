@@ -6,8 +6,14 @@
 W and its original bias b0 stay frozen; s starts at 1 and b at 0, so the layer starts as the base layer.
 `merge()` folds s and b into a plain nn.Linear for inference:
     output form: W' = diag(s) W, b' = s * (b0 + b);   input form: W' = W diag(s), b' = b0 + b.
-The elementwise epilogue runs as PyTorch ops around the cuBLAS GEMM; a fused kernel replaces it only once
-a GPU measurement shows it wins.
+The elementwise epilogue runs as PyTorch ops around the cuBLAS GEMM (in float32, rounded once to x's dtype);
+a fused kernel replaces it only once a GPU measurement shows it wins.
+
+Memory: the scale's gradient needs the tensor it multiplies, W x (output form) or x (input form). Each form
+saves that tensor once, in x's dtype, as the GEMM produced or received it; the float32 epilogue is recomputed
+from it in the backward. (Left to autograd, the float32 product would keep its float32 operand: twice the
+bytes, and with the input form one float32 copy of x per layer reading it, where q, k and v share one x.)
+The frozen GEMM saves only W, which is a parameter.
 """
 
 from __future__ import annotations
@@ -19,6 +25,50 @@ from torch.nn import functional as F
 from mmkernels import _checks
 
 FORMS = ("output", "input")
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+class _OutputScale(torch.autograd.Function):
+    """out = ((y + bias) * scale) in float32 (or wider), rounded to `dtype`; saves y (only for the
+    scale's gradient), not its upcast."""
+
+    @staticmethod
+    def forward(ctx, y, bias, scale, dtype):
+        ctx.y_dtype, acc = y.dtype, torch.promote_types(y.dtype, torch.float32)
+        ctx.save_for_backward(y if ctx.needs_input_grad[2] else None, bias, scale)
+        return ((y.to(acc) + bias) * scale).to(dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, bias, scale = ctx.saved_tensors
+        g = dout.to(torch.promote_types(ctx.y_dtype, torch.float32))
+        g_pre = g * scale
+        dy = g_pre.to(ctx.y_dtype) if ctx.needs_input_grad[0] else None
+        dbias = _rows(g_pre).sum(0).to(bias.dtype) if ctx.needs_input_grad[1] else None
+        dscale = _rows(g * (y.to(g.dtype) + bias)).sum(0).to(scale.dtype) if ctx.needs_input_grad[2] else None
+        return dy, dbias, dscale, None
+
+
+class _InputScale(torch.autograd.Function):
+    """x * scale in float32 (or wider), rounded to x's dtype; saves x (only for the scale's
+    gradient), not its upcast."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.x_dtype = x.dtype
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, scale)
+        return (x.to(torch.promote_types(x.dtype, torch.float32)) * scale).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dxs):
+        x, scale = ctx.saved_tensors
+        g = dxs.to(torch.promote_types(ctx.x_dtype, torch.float32))
+        dx = (g * scale).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        dscale = _rows(g * x.to(g.dtype)).sum(0).to(scale.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dscale
 
 
 class ScaleBiasLinear(nn.Module):
@@ -44,13 +94,10 @@ class ScaleBiasLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last dim {self.in_features}, got {tuple(x.shape)}")
-        dtype = x.dtype
-        acc = torch.promote_types(dtype, torch.float32)  # the epilogue in fp32 (or wider)
         if self.form == "output":
-            y = F.linear(x, self.weight)
-            return ((y.to(acc) + self._bias_total()) * self.scale).to(dtype)
-        y = F.linear((x.to(acc) * self.scale).to(dtype), self.weight)
-        return (y.to(acc) + self._bias_total()).to(dtype)
+            return _OutputScale.apply(F.linear(x, self.weight), self._bias_total(), self.scale, x.dtype)
+        y = F.linear(_InputScale.apply(x, self.scale), self.weight)
+        return (y.to(torch.promote_types(y.dtype, torch.float32)) + self._bias_total()).to(x.dtype)
 
     def folded(self):
         """(W', b') with y = x W'^T + b', in fp32 (or wider), differentiable in s and b: what merge() writes,
