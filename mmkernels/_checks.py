@@ -37,6 +37,12 @@ def tensor(
     return value
 
 
+def has_values(t: torch.Tensor) -> bool:
+    """Whether a check may read t's values: not while torch.compile traces (values are data there) and not on
+    the meta device (shapes only; memory.estimate traces the model there). Such checks run in eager mode."""
+    return not torch.compiler.is_compiling() and t.device.type != "meta"
+
+
 def _same(attr: str, error: type, tensors: dict):
     items = [(k, v) for k, v in tensors.items() if v is not None]
     first_name, first = items[0]

@@ -321,7 +321,7 @@ def _modality(modality, batch: int, default: int, device) -> torch.Tensor:
         modality = torch.full((batch,), modality, dtype=torch.long, device=device)
     _checks.tensor("modality", modality, ndim=1, dtypes=(torch.int64, torch.int32))
     _checks.shape("modality", modality, (batch,))
-    if not torch.compiler.is_compiling() and bool(((modality < 0) | (modality > 1)).any()):
+    if _checks.has_values(modality) and bool(((modality < 0) | (modality > 1)).any()):
         raise ValueError(f"modality: expected 0 (text-only) or 1 (with image), got {modality.tolist()}")
     return modality.to(device=device, dtype=torch.long)
 

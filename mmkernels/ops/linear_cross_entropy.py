@@ -152,8 +152,8 @@ linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def _check_target_values(target: Tensor, vocab: int, ignore_index: int) -> None:
-    if torch.compiler.is_compiling() or target.numel() == 0:
-        return  # values are data; checked in eager mode only
+    if not _checks.has_values(target) or target.numel() == 0:
+        return
     bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
     if bool(bad.any()):
         value = int(target[bad][0])

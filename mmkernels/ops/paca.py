@@ -103,8 +103,8 @@ def _check_idx(idx: Tensor, d_in: int) -> None:
     r = idx.shape[0]
     if not 1 <= r <= d_in:
         raise ValueError(f"idx: expected between 1 and {d_in} (d_in) column indices, got {r}")
-    if torch.compiler.is_compiling():
-        return  # values are data; checked in eager mode only
+    if not _checks.has_values(idx):
+        return
     try:
         key = (idx._version, d_in)
     except RuntimeError:  # inference tensors have no version counter: check every call

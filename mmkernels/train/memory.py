@@ -5,15 +5,23 @@ state, activations and logits, from the shapes alone (the model is built on the 
                  and full-precision columns; trainable parameters in float32; rope tables, column indices)
     gradients    float32, trainable parameters only
     optimizer    AdamW: two float32 moments per trainable parameter
-    activations  what the forward saves for the backward, for one micro-batch of batch_size x max_len
-                 tokens: per block the tensors the LLaMA block saves (see _saved_per_token); with
-                 grad_checkpointing only each block's inputs (the hidden state and the residual stream)
-    recompute    with grad_checkpointing, one block's saved tensors while the backward recomputes it
-    logits       fused loss: one chunk of (chunk x vocab) float32 logits; otherwise the full (tokens x vocab)
-                 logits in float32, their gradient, and the cross-entropy's softmax
-The activation count is an estimate of what the ops save (the attention keeps no (T x T) matrix; prompt
-and adapter terms are small and left out); python_tests/test_train.py checks it against the bytes the
-autograd graph actually saves on a tiny model.
+    activations  what the forward and the loss save for the backward, for one micro-batch of batch_size x
+                 max_len tokens (images for every sample of a multimodal method with a vision tower): traced,
+                 not a formula: the training forward runs on the meta device (shapes, no data) and every
+                 tensor that autograd saves is counted once per storage, parameters left out (see
+                 saved_activations); with grad_checkpointing, what stays from the forward: the tensors saved
+                 outside the blocks and each block's inputs (which the recompute needs)
+    recompute    with grad_checkpointing, the largest block's saved tensors while the backward recomputes it
+    logits       what the loss adds beyond its saved tensors: fused, one chunk of (chunk x vocab) float32
+                 logits; otherwise two float32 (tokens x vocab) gradients in the backward (the log-softmax
+                 output it saves is among the activations)
+The trace runs the ops' fake (shape) implementations, which return what the CPU and GPU paths return, and
+the methods' own modules, so every method's saved tensors are in it (V2's scale inputs, LoRA's x, PaCA's
+x_I, LaVIN's and HyperLLaVA's adapters, the vision tower); python_tests/test_memory.py checks it against the
+bytes saved by the same forward on real tensors, for every method. Not in it: autocast (the trace runs the
+model's dtype as it is; the trainer's autocast changes nothing there when the base is 16-bit, which is the
+case it serves), the backward's transient tensors beyond the loss chunk and a recomputed block, allocator
+rounding and fragmentation, and CUDA's and NCCL's own buffers.
 
 With several processes (`processes`, default torchrun's WORLD_SIZE) the figures are one process's, for the
 run's `distributed` mode:
@@ -35,10 +43,12 @@ FSDP2 run on two processes.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, NamedTuple, Optional, Tuple
+import contextlib
+from typing import Dict, Iterable, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from mmkernels.models import Llama, LlamaConfig
 from mmkernels.train.config import TrainConfig
@@ -53,12 +63,117 @@ def _dtype(cfg: TrainConfig) -> torch.dtype:
     return resolve_dtype(cfg.dtype, _checks.device(cfg.device))
 
 
-def _saved_per_token(c: LlamaConfig, act_bytes: int) -> int:
-    """Bytes one block saves per token: the norm inputs (x, residual stream) and their rstd, q/k/v and the
-    attention output + lse, the o_proj input, gate/up (swiglu inputs) and the down_proj input."""
-    d, kv, inter, heads = c.hidden_size, c.num_key_value_heads * c.head_dim, c.intermediate_size, c.num_attention_heads
-    tensors = 2 * d + (d + 2 * kv) + d + d + 2 * d + 2 * inter + inter
-    return tensors * act_bytes + (2 + heads) * 4  # + fp32 rstd of two norms and the lse of every head
+class SavedActivations(NamedTuple):
+    """Bytes autograd saves in one forward (each storage once, parameters and buffers left out): `total`,
+    `outside` the blocks (embeddings, visual path, final norm, loss), each block's own (`per_block`, the
+    tensors saved while it runs) and, for gradient checkpointing, `kept`: what stays when the blocks are
+    recomputed (`outside` and every block's tensor inputs)."""
+
+    total: int
+    outside: int
+    per_block: Tuple[int, ...]
+    kept: int
+
+
+@contextlib.contextmanager
+def _flash_sdpa_on_meta() -> Iterator[None]:
+    """F.scaled_dot_product_attention on meta tensors takes the math path, which saves the (T x T)
+    probabilities; on CPU and GPU tensors it takes a flash path, which saves q, k, v, the output and the
+    log-sum-exp. Inside this context a meta call without dropout runs the CPU flash op (it has a meta kernel),
+    so the trace saves what the real forward saves (the attention of the vision tower and of the visual
+    projection, whose nn.MultiheadAttention looks the function up in torch.nn.functional at each call)."""
+    original = F.scaled_dot_product_attention
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if query.device.type == "meta" and dropout_p == 0.0 and not enable_gqa:
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query, key, value, 0.0, is_causal, attn_mask=attn_mask, scale=scale)[0]
+        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                        enable_gqa=enable_gqa)
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def saved_activations(loss_module: nn.Module, batch) -> SavedActivations:
+    """Run loss_module(batch) (the trainer's LossModule: the method's inputs, the model, the token loss) and
+    count what autograd saves for the backward. On the meta device it costs no memory and no compute, which
+    is how estimate() uses it; on real tensors it measures the same thing (the tests compare the two)."""
+    model = loss_module.model
+    params = {t.untyped_storage()._cdata for t in [*loss_module.parameters(), *loss_module.buffers()]}
+    vision = getattr(loss_module, "_vision", [None])[0]
+    if vision is not None:
+        params |= {t.untyped_storage()._cdata for t in [*vision.parameters(), *vision.buffers()]}
+    sizes: Dict[int, int] = {}
+    alive = []  # every noted tensor, so that no storage is freed and its address reused during the trace
+    outside: set = set()
+    per_block: Dict[int, set] = {i: set() for i in range(len(model.layers))}
+    inputs: set = set()
+    current = [None]
+
+    def note(t: torch.Tensor, into: set) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key not in params:
+            sizes[key] = storage.nbytes()
+            into.add(key)
+            alive.append(t)
+
+    def pack(t):
+        note(t, outside if current[0] is None else per_block[current[0]])
+        return t
+
+    def enter(i):
+        def hook(_module, args):
+            current[0] = i
+            for a in args:
+                if torch.is_tensor(a):
+                    note(a, inputs)
+        return hook
+
+    def leave(_module, _args, _out):
+        current[0] = None
+
+    handles = []
+    for i, block in enumerate(model.layers):
+        handles += [block.register_forward_pre_hook(enter(i)), block.register_forward_hook(leave)]
+    recompute = model.gradient_checkpointing
+    model.gradient_checkpointing = False  # the same graph, every block's saved tensors seen
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _flash_sdpa_on_meta():
+            loss_module(batch)
+    finally:
+        model.gradient_checkpointing = recompute
+        for h in handles:
+            h.remove()
+
+    def total(*sets) -> int:
+        return sum(sizes[k] for k in set().union(*sets))
+
+    blocks = list(per_block.values())
+    return SavedActivations(total(outside, *blocks), total(outside), tuple(total(b) for b in blocks),
+                            total(outside, inputs))
+
+
+def traced_batch(cfg: TrainConfig, spec, vision: Optional[nn.Module], device):
+    """A data Batch of batch_size x max_len tokens on `device`, every token trained, an image per sample when
+    the method is multimodal and has a vision tower (unless packed: packing takes text samples only); packed
+    rows give positions and segment ids."""
+    from mmkernels.train.data import Batch
+    from mmkernels.train.trainer import image_size
+
+    shape = (cfg.batch_size, cfg.max_len)
+    ids = torch.zeros(shape, dtype=torch.long, device=device)
+    images = None
+    if vision is not None and spec.multimodal and not cfg.pack:
+        size = image_size(vision)
+        images = torch.zeros(cfg.batch_size, 3, size, size, device=device)
+    has_image = torch.full((cfg.batch_size,), images is not None, dtype=torch.bool, device=device)
+    packed = dict(positions=ids.clone(), segment_ids=ids.clone()) if cfg.pack else {}
+    return Batch(ids, ids.clone(), torch.ones(shape, dtype=torch.bool, device=device), images, has_image, **packed)
 
 
 class FsdpShares(NamedTuple):
@@ -124,9 +239,10 @@ def estimate(cfg: TrainConfig, processes: Optional[int] = None) -> Dict[str, int
     """Bytes per category and "total", for one of `processes` processes (default: WORLD_SIZE, 1 without
     torchrun) in the mode cfg.distributed resolves to."""
     from mmkernels.train import method_specs
-    from mmkernels.train.trainer import master_weights, tiny_vision_config
+    from mmkernels.train.trainer import LossModule, master_weights, tiny_vision_config
 
     processes, mode = layout(cfg, processes)
+    spec = method_specs.get(cfg.method)
     dtype = _dtype(cfg)
     config = LlamaConfig.tiny() if cfg.model is None else LlamaConfig.from_json(cfg.model)
     with torch.device("meta"):
@@ -142,7 +258,7 @@ def estimate(cfg: TrainConfig, processes: Optional[int] = None) -> Dict[str, int
 
                 vision_config = CLIPVisionConfig.from_pretrained(cfg.vision, local_files_only=True)
             vision = VisionTower.from_config(vision_config).to(dtype)
-        method_specs.get(cfg.method).apply(model, cfg.method_options, vision)
+        spec.apply(model, cfg.method_options, vision)
     master_weights(model)  # trainable parameters in float32, as the trainer holds them
     whole = list(model.buffers()) + ([] if vision is None else [*vision.parameters(), *vision.buffers()])
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -155,20 +271,18 @@ def estimate(cfg: TrainConfig, processes: Optional[int] = None) -> Dict[str, int
         grads = _whole_bytes(trainable)
         gradients, optimizer = grads * (2 if mode == "ddp" else 1), 2 * grads
     weights += _whole_bytes(whole)
-    act_bytes = torch.empty(0, dtype=dtype).element_size()
-    tokens = cfg.batch_size * cfg.max_len
-    per_block = _saved_per_token(config, act_bytes) * tokens
-    layers = config.num_hidden_layers
+    loss_module = LossModule(model, spec, vision, cfg.fused_loss, cfg.loss_chunk)
+    saved = saved_activations(loss_module, traced_batch(cfg, spec, vision, "meta"))
     if cfg.grad_checkpointing:
-        activations, recompute = layers * 2 * config.hidden_size * act_bytes * tokens, per_block
+        activations, recompute = saved.kept, max(saved.per_block, default=0)
     else:
-        activations, recompute = layers * per_block, 0
-    activations += 2 * config.hidden_size * act_bytes * tokens  # embeddings and the final norm
+        activations, recompute = saved.total, 0
+    tokens = cfg.batch_size * cfg.max_len
     vocab = config.vocab_size
     if cfg.fused_loss:
         logits = min(tokens, cfg.loss_chunk or DEFAULT_LOSS_CHUNK) * vocab * 4
     else:
-        logits = tokens * vocab * (4 + 4 + 4)
+        logits = tokens * vocab * (4 + 4)  # the gradients through log_softmax (its saved output is traced)
     out = {"weights": weights, "gathered": gathered, "gradients": gradients, "optimizer": optimizer,
            "activations": activations, "recompute": recompute, "logits": logits}
     out["total"] = sum(out.values())

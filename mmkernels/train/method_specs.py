@@ -15,6 +15,7 @@ from typing import Any, Callable, ContextManager, Dict, Optional
 import torch
 from torch import nn
 
+from mmkernels import _checks
 from mmkernels.models import Llama
 
 
@@ -76,8 +77,9 @@ def _hide_visual_prefix(has_image: torch.Tensor, prefix: int, seq: int) -> Dict[
     """Forward arguments that make the text-only samples of a mixed batch run as they do alone: their `prefix`
     visual positions (placeholders, so the batch stays rectangular) are hidden from every query, as left
     padding is (kv_start), and their text gets the rotary positions 0, 1, ... it has without them. Nothing for
-    a batch whose samples all have images."""
-    if bool(has_image.all()):
+    a batch whose samples all have images, or whose values cannot be read (memory.estimate's trace on the meta
+    device, which counts a batch whose samples all have images)."""
+    if not _checks.has_values(has_image) or bool(has_image.all()):
         return {}
     kv_start = torch.where(has_image, 0, prefix).to(torch.int32)
     positions = (torch.arange(seq, device=has_image.device)[None, :] - kv_start[:, None].long()).clamp_min(0)
