@@ -120,6 +120,75 @@ def test_swiglu_bad_input():
         ops.swiglu(torch.randn(2, 3), torch.randn(2, 3).half())
 
 
+SCALE_BIAS_SHAPES = [(5,), (3, 37), (2, 5, 64), (70, 33)]  # (70, 33): several row chunks, odd channel blocks
+
+
+def _scale_bias_inputs(shape, device, gen_seed=0):
+    gen = torch.Generator().manual_seed(gen_seed)
+    n = shape[-1]
+    g = (2 * torch.randn(shape, generator=gen)).to(device).requires_grad_()
+    u = torch.randn(shape, generator=gen).to(device).requires_grad_()
+    vectors = [(0.5 + torch.rand(n, generator=gen)), 0.3 * torch.randn(n, generator=gen),
+               (0.5 + torch.rand(n, generator=gen)), 0.3 * torch.randn(n, generator=gen)]
+    return g, u, [v.to(device).requires_grad_() for v in vectors]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SCALE_BIAS_SHAPES)
+def test_swiglu_scale_bias_triton_matches_reference(device, shape, dtype):
+    g, u, vectors = _scale_bias_inputs(shape, device)
+    rows = max(1, g.numel() // shape[-1])
+    check_against_reference(ops.swiglu_scale_bias, [g, u, *vectors], backend="triton", dtype=dtype,
+                            name=f"swiglu_scale_bias{shape}", reduced={i: rows for i in range(2, 6)})
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "reference"])
+def test_swiglu_scale_bias_with_float32_vectors_and_half_activations(device, backend_name):
+    """A trainer's case: float32 master scales and biases beside float16 GEMM outputs. Output and gradients
+    against float64, within 3x the error of the same math with every input rounded to float16 first."""
+    from _tolerance import FLOORS, assert_close_to_reference
+
+    g, u, vectors = _scale_bias_inputs((70, 33), device, gen_seed=1)
+
+    def run(gate, up, vecs, backend):
+        leaves = [t.detach().requires_grad_() for t in (gate, up, *vecs)]
+        with mmkernels.use_backend(backend):
+            out = ops.swiglu_scale_bias(*leaves)
+        out.backward(torch.ones_like(out) * 0.5 + torch.linspace(-1, 1, out.shape[-1], device=out.device))
+        return [out, *(t.grad for t in leaves)]
+
+    half = (g.half(), u.half())
+    got = run(*half, vectors, backend_name)
+    low = run(*half, [v.half() for v in vectors], "reference")
+    high = run(g.double(), u.double(), [v.double() for v in vectors], "reference")
+    assert [t.dtype for t in got] == [torch.float16] * 3 + [torch.float32] * 4
+    for i, (a, lo, hi) in enumerate(zip(got, low, high)):
+        floor = FLOORS[torch.float16] * (70 ** 0.5 if i >= 3 else 1.0)
+        assert_close_to_reference(a.float(), lo.float(), hi, f"output/grad {i}", floor=floor)
+
+
+def test_swiglu_scale_bias_is_swiglu_of_the_scaled_inputs():
+    g, u, vectors = _scale_bias_inputs((4, 9), "cpu")
+    g, u = g.detach().double(), u.detach().double()
+    s_g, b_g, s_u, b_u = (v.detach().double() for v in vectors)
+    want = torch.nn.functional.silu(s_g * (g + b_g)) * (s_u * (u + b_u))
+    torch.testing.assert_close(ops.swiglu_scale_bias(g, u, s_g, b_g, s_u, b_u), want, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(ops.swiglu_scale_bias(g, u, s_g, None, s_u, None),
+                               torch.nn.functional.silu(s_g * g) * (s_u * u), rtol=1e-14, atol=1e-14)
+
+
+def test_swiglu_scale_bias_bad_input():
+    g, u, (s_g, b_g, s_u, b_u) = _scale_bias_inputs((3, 8), "cpu")
+    with pytest.raises(ValueError, match=r"up: expected the shape of gate \(3, 8\)"):
+        ops.swiglu_scale_bias(g, u[:, :4], s_g, b_g, s_u, b_u)
+    with pytest.raises(ValueError, match=r"gate_bias: expected shape \(8,\), got \(7,\)"):
+        ops.swiglu_scale_bias(g, u, s_g, b_g[:7], s_u, b_u)
+    with pytest.raises(ValueError, match=r"up_scale: expected 1 dimensions, got 2"):
+        ops.swiglu_scale_bias(g, u, s_g, b_g, s_u[None], b_u)
+    with pytest.raises(TypeError, match=r"up_bias: expected dtype in \(torch.float32.*got torch.int64"):
+        ops.swiglu_scale_bias(g, u, s_g, b_g, s_u, torch.zeros(8, dtype=torch.long))
+
+
 @pytest.mark.gpu
 def test_rope_swiglu_bf16_gpu():
     q, k = _qk(2, 257, 32, 8, 128, "cuda")
@@ -129,3 +198,6 @@ def test_rope_swiglu_bf16_gpu():
     g = torch.randn(4097, 1000, device="cuda").requires_grad_()
     u = torch.randn(4097, 1000, device="cuda").requires_grad_()
     check_against_reference(ops.swiglu, [g, u], backend="triton", dtype=torch.bfloat16, name="swiglu bf16")
+    g, u, vectors = _scale_bias_inputs((4097, 1000), "cuda")
+    check_against_reference(ops.swiglu_scale_bias, [g, u, *vectors], backend="triton", dtype=torch.bfloat16,
+                            name="swiglu_scale_bias bf16", reduced={i: 4097 for i in range(2, 6)})

@@ -153,3 +153,64 @@ def test_saves_one_tensor_in_the_input_dtype():
     params = {p for layer in layers for p in layer.parameters()}
     saved = _saved(lambda: [layer(x) for layer in layers], params)
     assert len(saved) == 1 and saved[0].data_ptr() == x.data_ptr()
+
+
+def _mlp_pair(dtype=torch.float32):
+    gate = ScaleBiasLinear(_base(True, seed=3).to(dtype), "output")
+    up = ScaleBiasLinear(_base(False, seed=4).to(dtype), "output")
+    with torch.no_grad():
+        for layer in (gate, up):
+            layer.scale.uniform_(0.5, 1.5)
+            layer.bias.normal_()
+    return gate, up
+
+
+def test_fused_swiglu_is_swiglu_of_the_two_layers():
+    """Output and every gradient equal the unfused composition (float64: no rounding between the two)."""
+    from mmkernels import ops
+
+    gate, up = _mlp_pair(torch.float64)
+    for layer in (gate, up):
+        layer.scale.data, layer.bias.data = layer.scale.data.double(), layer.bias.data.double()
+    x = torch.randn(3, 7, 24, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(3, 7, 40, dtype=torch.float64)
+    results = []
+    for fn in (lambda: ScaleBiasLinear.fused_swiglu(gate, up, x), lambda: ops.swiglu(gate(x), up(x))):
+        for t in (x, gate.scale, gate.bias, up.scale, up.bias):
+            t.grad = None
+        out = fn()
+        out.backward(dy)
+        results.append([out] + [t.grad.clone() for t in (x, gate.scale, gate.bias, up.scale, up.bias)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_the_llama_mlp_fuses_v2_scales_and_saves_two_tensors_less():
+    """models.llama.MLP takes the fused path when gate_proj and up_proj are output-form ScaleBiasLinears:
+    the same output (bf16 here: within the rounding the unfused path adds), and of the (tokens x 40) tensors
+    it saves only the two GEMM outputs where the unfused composition saves four."""
+    from mmkernels import ops
+    from mmkernels.models.llama import MLP
+
+    mlp = MLP.__new__(MLP)
+    nn.Module.__init__(mlp)
+    mlp.gate_proj, mlp.up_proj = _mlp_pair(torch.bfloat16)
+    mlp.down_proj = nn.Linear(40, 24, bias=False).to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(6, 24, dtype=torch.bfloat16, requires_grad=True)
+    params = set(mlp.parameters())
+    fused = _saved(lambda: mlp(x), params)
+    unfused = _saved(lambda: mlp.down_proj(ops.swiglu(mlp.gate_proj(x), mlp.up_proj(x))), params)
+    assert sorted(t.shape for t in fused) == [(6, 40)] * 2 and all(t.dtype == torch.bfloat16 for t in fused)
+    assert sorted(t.shape for t in unfused) == [(6, 40)] * 4
+    with torch.no_grad():
+        want = mlp.down_proj(ops.swiglu(mlp.gate_proj(x), mlp.up_proj(x))).float()
+        got = mlp(x).float()
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()
+
+
+def test_fused_swiglu_bad_input():
+    gate, up = _mlp_pair()
+    with pytest.raises(ValueError, match="up: expected an output-form ScaleBiasLinear"):
+        ScaleBiasLinear.fused_swiglu(gate, ScaleBiasLinear(_base(False), "input"), torch.randn(2, 24))
+    with pytest.raises(ValueError, match=r"x: expected last dim 24"):
+        ScaleBiasLinear.fused_swiglu(gate, up, torch.randn(2, 23))

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from mmkernels import ops
 from mmkernels.models.config import LlamaConfig
 from mmkernels.models.kv_cache import KVCache
-from mmkernels.nn import RMSNorm
+from mmkernels.nn import RMSNorm, ScaleBiasLinear
 
 
 class PromptSegment(NamedTuple):
@@ -74,7 +74,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+        gate, up = self.gate_proj, self.up_proj
+        if all(isinstance(m, ScaleBiasLinear) and m.form == "output" for m in (gate, up)):
+            # LLaMA-Adapter V2's bias/scale on both: the epilogues inside the swiglu kernel
+            return self.down_proj(ScaleBiasLinear.fused_swiglu(gate, up, x))
+        return self.down_proj(ops.swiglu(gate(x), up(x)))
 
 
 class Block(nn.Module):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mmkernels import _checks
+from mmkernels import _checks, ops
 
 FORMS = ("output", "input")
 
@@ -98,6 +98,20 @@ class ScaleBiasLinear(nn.Module):
             return _OutputScale.apply(F.linear(x, self.weight), self._bias_total(), self.scale, x.dtype)
         y = F.linear(_InputScale.apply(x, self.scale), self.weight)
         return (y.to(torch.promote_types(y.dtype, torch.float32)) + self._bias_total()).to(x.dtype)
+
+    @staticmethod
+    def fused_swiglu(gate: "ScaleBiasLinear", up: "ScaleBiasLinear", x: torch.Tensor) -> torch.Tensor:
+        """silu(gate(x)) * up(x) for two output-form layers, their epilogues inside ops.swiglu_scale_bias: only
+        the two GEMM outputs are saved (unfused, each layer saves its GEMM output and swiglu saves the two
+        scaled tensors again). The epilogues stay in float32 up to the swiglu (unfused, gate(x) and up(x) are
+        rounded to x's dtype first)."""
+        for name, layer in (("gate", gate), ("up", up)):
+            if not isinstance(layer, ScaleBiasLinear) or layer.form != "output":
+                raise ValueError(f"{name}: expected an output-form ScaleBiasLinear, got {layer!r}")
+        if x.shape[-1] != gate.in_features:
+            raise ValueError(f"x: expected last dim {gate.in_features}, got {tuple(x.shape)}")
+        return ops.swiglu_scale_bias(F.linear(x, gate.weight), F.linear(x, up.weight), gate.scale, gate._bias_total(),
+                                     up.scale, up._bias_total())
 
     def folded(self):
         """(W', b') with y = x W'^T + b', in fp32 (or wider), differentiable in s and b: what merge() writes,

@@ -24,3 +24,26 @@ def swiglu_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) ->
     dgate = d * u * sig * (1 + g * (1 - sig))
     dup = d * g * sig
     return dgate.to(gate.dtype), dup.to(up.dtype)
+
+
+def swiglu_scale_bias(gate: torch.Tensor, up: torch.Tensor, gate_scale: torch.Tensor, gate_bias: torch.Tensor,
+                      up_scale: torch.Tensor, up_bias: torch.Tensor) -> torch.Tensor:
+    """silu(s_g (gate + b_g)) * s_u (up + b_u) over the last dim's channels, in float32 (float64 for float64
+    gate), cast to gate's dtype."""
+    acc = _acc(gate)
+    g = (gate.to(acc) + gate_bias.to(acc)) * gate_scale.to(acc)
+    u = (up.to(acc) + up_bias.to(acc)) * up_scale.to(acc)
+    return (g * torch.sigmoid(g) * u).to(gate.dtype)
+
+
+def swiglu_scale_bias_backward(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, gate_scale: torch.Tensor,
+                               gate_bias: torch.Tensor, up_scale: torch.Tensor, up_bias: torch.Tensor
+                               ) -> Tuple[torch.Tensor, ...]:
+    """(d gate, d up in their dtypes; d s_g, d b_g, d s_u, d b_u in float32 (float64), summed over the rows)."""
+    acc = _acc(gate)
+    pre_g, pre_u = gate.to(acc) + gate_bias.to(acc), up.to(acc) + up_bias.to(acc)
+    s_g, s_u = gate_scale.to(acc), up_scale.to(acc)
+    dg_act, du_act = swiglu_backward(dout.to(acc), pre_g * s_g, pre_u * s_u)
+    rows = tuple(range(gate.dim() - 1))
+    return ((dg_act * s_g).to(gate.dtype), (du_act * s_u).to(up.dtype), (dg_act * pre_g).sum(rows),
+            (dg_act * s_g).sum(rows), (du_act * pre_u).sum(rows), (du_act * s_u).sum(rows))
