@@ -55,3 +55,45 @@ def test_opcheck_custom_ops():
     g, u = torch.randn(5, 3, requires_grad=True), torch.randn(5, 3, requires_grad=True)
     torch.library.opcheck(swiglu_mod.swiglu_fwd, (g, u, "reference"))
     torch.library.opcheck(swiglu_mod.swiglu_bwd, (torch.randn(5, 3), g.detach(), u.detach(), "reference"))
+
+
+def test_opcheck_swiglu_scale_bias():
+    """The fused V2 MLP epilogue op: schema, fake impl, autograd registration (triton through the
+    interpreter on CPU, and the reference)."""
+    torch.manual_seed(0)
+    g, u = torch.randn(6, 5, requires_grad=True), torch.randn(6, 5, requires_grad=True)
+    vectors = [torch.randn(5, requires_grad=True) for _ in range(4)]
+    for impl in ("reference", "triton"):
+        torch.library.opcheck(swiglu_mod.swiglu_scale_bias_fwd, (g, u, *vectors, impl))
+        torch.library.opcheck(swiglu_mod.swiglu_scale_bias_bwd,
+                              (torch.randn(6, 5), g.detach(), u.detach(), *(v.detach() for v in vectors), impl))
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_fullgraph_compile_of_the_v2_mlp(compiler):
+    """models.llama.MLP with output-form ScaleBiasLinears (the fused swiglu epilogue and the autograd
+    Functions of the down projection's scale) compiles as one graph and matches eager."""
+    from torch import nn
+
+    from mmkernels.models.llama import MLP
+    from mmkernels.nn import ScaleBiasLinear
+
+    torch.manual_seed(0)
+    mlp = MLP.__new__(MLP)
+    nn.Module.__init__(mlp)
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = (ScaleBiasLinear(nn.Linear(a, b, bias=False))
+                                                 for a, b in ((8, 12), (8, 12), (12, 8)))
+    with torch.no_grad():
+        for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            layer.scale.uniform_(0.5, 1.5)
+            layer.bias.normal_()
+    x = torch.randn(3, 4, 8, requires_grad=True)
+    params = [x, *(p for p in mlp.parameters() if p.requires_grad)]
+    with mmkernels.use_backend("reference"):
+        eager = mlp(x).square().sum()
+        eager_grads = torch.autograd.grad(eager, params)
+        out = torch.compile(lambda t: mlp(t).square().sum(), fullgraph=True, backend=compiler)(x)
+        grads = torch.autograd.grad(out, params)
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)

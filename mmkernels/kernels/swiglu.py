@@ -154,7 +154,7 @@ def swiglu_scale_bias_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tens
     m, n = gate.shape
     dgate, dup = torch.empty_like(gate), torch.empty_like(up)
     block_m, block_n, warps = _scale_bias_tiles(m, n, gate.device, backward=True)
-    col_blocks = triton.cdiv(n, block_n)
+    col_blocks = max(triton.cdiv(n, block_n), 1)
     # Enough row chunks to give every SM several programs, each walking a multiple of BLOCK_M rows.
     want = max(1, 4 * _device.sm_count(gate.device) // col_blocks) if _device.compiled(gate.device) else 2
     rows_per_program = triton.cdiv(max(triton.cdiv(m, want), 1), block_m) * block_m

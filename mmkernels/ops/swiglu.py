@@ -153,6 +153,7 @@ def swiglu_scale_bias(gate: Tensor, up: Tensor, gate_scale: Tensor, gate_bias: O
         _checks.shape(name, v, (n,))
     _checks.same_device(gate=gate, up=up, **vectors)
     impl = backend.select(OP_SCALE_BIAS, gate.device)
-    out = swiglu_scale_bias_fwd(gate.reshape(-1, n).contiguous(), up.reshape(-1, n).contiguous(),
+    rows = gate.shape[:-1].numel()  # not reshape(-1, n): n may be 0
+    out = swiglu_scale_bias_fwd(gate.reshape(rows, n).contiguous(), up.reshape(rows, n).contiguous(),
                                 *(v.contiguous() for v in vectors.values()), impl)
     return out.view(gate.shape)

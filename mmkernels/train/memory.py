@@ -257,7 +257,7 @@ def estimate(cfg: TrainConfig, processes: Optional[int] = None) -> Dict[str, int
                 from transformers import CLIPVisionConfig
 
                 vision_config = CLIPVisionConfig.from_pretrained(cfg.vision, local_files_only=True)
-            vision = VisionTower.from_config(vision_config).to(dtype)
+            vision = VisionTower.from_config(vision_config).to(dtype).eval()  # as the trainer's
         spec.apply(model, cfg.method_options, vision)
     master_weights(model)  # trainable parameters in float32, as the trainer holds them
     whole = list(model.buffers()) + ([] if vision is None else [*vision.parameters(), *vision.buffers()])
