@@ -21,12 +21,13 @@ backward beside g and u.
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 
 import runner  # sets TRITON_INTERPRET on a machine without GPU before mmkernels (and triton) import
 import mmkernels
+from bench_swiglu import flops, nbytes  # the same minimum traffic: g, u in, out out (and back)
 from mmkernels.reference import swiglu as ref
 
 
@@ -37,16 +38,6 @@ def make_inputs(shape: Dict[str, Any], dtype, device, gen):
     scales = [(1.0 + runner.randn((n,), torch.float32, device, gen, scale=0.1)).requires_grad_() for _ in range(2)]
     biases = [runner.randn((n,), torch.float32, device, gen, requires_grad=True, scale=0.1) for _ in range(2)]
     return (g, u, scales[0], biases[0], scales[1], biases[1])
-
-
-def nbytes(shape: Dict[str, Any], mode: str, dtype: torch.dtype) -> Optional[float]:
-    e = torch.empty((), dtype=dtype).element_size()
-    per = {"fwd": 3, "bwd": 5, "fwd+bwd": 8}[mode]
-    return float(per * shape["tokens"] * shape["hidden"] * e)
-
-
-def flops(shape: Dict[str, Any], mode: str) -> Optional[float]:
-    return None  # memory-bound: no meaningful TFLOP/s
 
 
 def ours(g, u, s_g, b_g, s_u, b_u):
