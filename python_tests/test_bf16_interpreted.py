@@ -22,6 +22,7 @@ PLAN = [
     ("test_decode_attention", "test_triton_matches_reference", "case", "CASES", (1, 2)),
     ("test_rope_swiglu", "test_rope_triton_matches_reference", "case", "ROPE_CASES", (0,)),
     ("test_rope_swiglu", "test_swiglu_scale_bias_triton_matches_reference", "shape", "SCALE_BIAS_SHAPES", (3,)),
+    ("test_scale_bias_linear", "test_scale_bias_triton_matches_reference", "shape", "SCALE_BIAS_SHAPES", (3,)),
     ("test_linear_cross_entropy", "test_triton_matches_naive_oracle", "case", "CASES", (0,)),
     ("test_paca", "test_paca_linear_triton_matches_reference", "case", "CASES", (0,)),
     ("test_quantized_linear", "test_triton_matches_the_dequantized_reference", "case", "CASES", (0, 1)),

@@ -57,10 +57,17 @@ def test_opcheck_custom_ops():
     torch.library.opcheck(swiglu_mod.swiglu_bwd, (torch.randn(5, 3), g.detach(), u.detach(), "reference"))
 
 
-def test_opcheck_swiglu_scale_bias():
-    """The fused V2 MLP epilogue op: schema, fake impl, autograd registration (triton through the
-    interpreter on CPU, and the reference)."""
+def test_opcheck_v2_epilogue_ops():
+    """V2's epilogue ops (scale_bias, and swiglu_scale_bias of the MLP): schema, fake impl, autograd
+    registration (triton through the interpreter on CPU, and the reference)."""
+    scale_bias_mod = importlib.import_module("mmkernels.ops.scale_bias")
     torch.manual_seed(0)
+    y, s, b = (torch.randn(shape, requires_grad=True) for shape in ((6, 5), (5,), (5,)))
+    for impl in ("reference", "triton"):
+        for out_dtype in (torch.float32, torch.float16):
+            torch.library.opcheck(scale_bias_mod.scale_bias_fwd, (y, s, b, out_dtype, impl))
+        torch.library.opcheck(scale_bias_mod.scale_bias_bwd,
+                              (torch.randn(6, 5), y.detach(), s.detach(), b.detach(), impl))
     g, u = torch.randn(6, 5, requires_grad=True), torch.randn(6, 5, requires_grad=True)
     vectors = [torch.randn(5, requires_grad=True) for _ in range(4)]
     for impl in ("reference", "triton"):
@@ -71,8 +78,8 @@ def test_opcheck_swiglu_scale_bias():
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_fullgraph_compile_of_the_v2_mlp(compiler):
-    """models.llama.MLP with output-form ScaleBiasLinears (the fused swiglu epilogue and the autograd
-    Functions of the down projection's scale) compiles as one graph and matches eager."""
+    """models.llama.MLP with output-form ScaleBiasLinears (the fused swiglu epilogue and the down
+    projection's scale_bias op) compiles as one graph and matches eager."""
     from torch import nn
 
     from mmkernels.models.llama import MLP

@@ -37,7 +37,8 @@ def test_text_methods_and_generation_compile_for_hopper():
         "_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv", "_gated_bwd_preprocess", "_decode_split", "_decode_combine",
         "_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_rope_kernel", "_swiglu_fwd_kernel", "_swiglu_bwd_kernel",
         "_ce_chunk_kernel", "_gather_columns_kernel", "_delta_grad_kernel", "_adamw_sync_kernel",
-        "_dequant_matmul_nn", "_dequant_matmul_nt"))
+        "_dequant_matmul_nn", "_dequant_matmul_nt", "_scale_bias_fwd_kernel", "_scale_bias_bwd_kernel",
+        "_swiglu_scale_bias_fwd_kernel", "_swiglu_scale_bias_bwd_kernel"))
 
 
 @pytest.mark.skipif(not (GPU_TRITON / "triton").is_dir(),

@@ -201,3 +201,5 @@ def test_rope_swiglu_bf16_gpu():
     g, u, vectors = _scale_bias_inputs((4097, 1000), "cuda")
     check_against_reference(ops.swiglu_scale_bias, [g, u, *vectors], backend="triton", dtype=torch.bfloat16,
                             name="swiglu_scale_bias bf16", reduced={i: 4097 for i in range(2, 6)})
+    check_against_reference(ops.scale_bias, [g, *vectors[:2]], backend="triton", dtype=torch.bfloat16,
+                            name="scale_bias bf16", reduced={1: 4097, 2: 4097})

@@ -214,3 +214,92 @@ def test_fused_swiglu_bad_input():
         ScaleBiasLinear.fused_swiglu(gate, ScaleBiasLinear(_base(False), "input"), torch.randn(2, 24))
     with pytest.raises(ValueError, match=r"x: expected last dim 24"):
         ScaleBiasLinear.fused_swiglu(gate, up, torch.randn(2, 23))
+
+
+# -- ops.scale_bias: the output form's epilogue -----------------------------------------------------------------
+SCALE_BIAS_SHAPES = [(5,), (3, 37), (2, 5, 64), (70, 33), (0, 9), (4, 0)]
+
+
+def _epilogue_inputs(shape, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n = shape[-1]
+    y = (2 * torch.randn(shape, generator=gen)).to(device).requires_grad_()
+    scale = (0.5 + torch.rand(n, generator=gen)).to(device).requires_grad_()
+    bias = (0.3 * torch.randn(n, generator=gen)).to(device).requires_grad_()
+    return y, scale, bias
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SCALE_BIAS_SHAPES)
+def test_scale_bias_triton_matches_reference(device, shape, dtype):
+    import math
+
+    from _harness import check_against_reference
+    from mmkernels import ops
+
+    rows = max(1, math.prod(shape[:-1]))
+    check_against_reference(ops.scale_bias, list(_epilogue_inputs(shape, device)), backend="triton", dtype=dtype,
+                            name=f"scale_bias{shape}", reduced={1: rows, 2: rows})
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "reference"])
+@pytest.mark.parametrize("out_dtype", [None, torch.float32])
+def test_scale_bias_with_float32_vectors_and_half_activations(device, backend_name, out_dtype):
+    """float32 master scale and bias beside a float16 GEMM output (the trainer's case), the result in y's dtype
+    or another: output and gradients against float64, within 3x the error of the same math run with every input
+    rounded to float16."""
+    import mmkernels
+    from _tolerance import FLOORS, assert_close_to_reference
+    from mmkernels import ops
+
+    y, scale, bias = _epilogue_inputs((70, 33), device, seed=1)
+    dout = torch.linspace(-1, 1, 70 * 33, device=device).view(70, 33)
+
+    def run(yy, s, b, backend, out):
+        leaves = [t.detach().requires_grad_() for t in (yy, s, b)]
+        with mmkernels.use_backend(backend):
+            res = ops.scale_bias(*leaves, out_dtype=out)
+        res.backward(dout.to(res.dtype))
+        return [res, *(t.grad for t in leaves)]
+
+    got = run(y.half(), scale, bias, backend_name, out_dtype)
+    low = run(y.half(), scale.half(), bias.half(), "reference", out_dtype)
+    high = run(y.double(), scale.double(), bias.double(), "reference", None)
+    assert [t.dtype for t in got] == [out_dtype or torch.float16, torch.float16, torch.float32, torch.float32]
+    for i, (a, lo, hi) in enumerate(zip(got, low, high)):
+        floor = FLOORS[torch.float16] * (70 ** 0.5 if i >= 2 else 1.0)
+        assert_close_to_reference(a.float(), lo.float(), hi, f"output/grad {i}", floor=floor)
+
+
+@pytest.mark.parametrize("form", ["output", "input"])
+def test_the_layer_on_the_triton_backend(device, form):
+    """The layer with its epilogue on the triton kernels (the interpreter here) against the float64 formula."""
+    import mmkernels
+
+    layer = ScaleBiasLinear(_base(True, seed=2).to(device), form)
+    with torch.no_grad():
+        layer.scale.uniform_(0.5, 1.5)
+        layer.bias.normal_()
+    x = torch.randn(4, 6, 24, device=device, requires_grad=True)
+    with mmkernels.use_backend("triton"):
+        out = layer(x)
+    dy = torch.randn_like(out)
+    out.backward(dy)
+    xd = x.detach().double().requires_grad_()
+    y64, s64, b64 = _formula(layer, xd)
+    y64.backward(dy.double())
+    for name, got, want in (("out", out, y64), ("dx", x.grad, xd.grad), ("dscale", layer.scale.grad, s64.grad),
+                            ("dbias", layer.bias.grad, b64.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_scale_bias_bad_input():
+    from mmkernels import ops
+
+    y, scale, bias = _epilogue_inputs((3, 8), "cpu")
+    with pytest.raises(ValueError, match=r"bias: expected shape \(8,\), got \(7,\)"):
+        ops.scale_bias(y, scale, bias[:7])
+    with pytest.raises(ValueError, match=r"scale: expected 1 dimensions, got 2"):
+        ops.scale_bias(y, scale[None], bias)
+    with pytest.raises(TypeError, match=r"out_dtype: expected a float dtype, got torch.int32"):
+        ops.scale_bias(y, scale, bias, out_dtype=torch.int32)

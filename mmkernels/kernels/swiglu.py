@@ -3,8 +3,7 @@
 With LLaMA-Adapter V2's bias/scale on gate_proj and up_proj (swiglu_scale_bias), the per-channel epilogues
 run inside the same kernels: out = silu(s_g (g + b_g)) * s_u (u + b_u) from the GEMM outputs g and u, which
 are all the backward reads (the scaled gate and up are never written). The backward also reduces the four
-parameter gradients over the rows: each program walks a chunk of rows for a block of channels and writes
-float32 partial sums; torch adds the chunks (two-stage, deterministic).
+parameter gradients over the rows, two-stage as kernels/scale_bias.py does (tiles and row chunks from there).
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mmkernels.kernels import _device
+from mmkernels.kernels.scale_bias import affine_tile, row_chunks, tiles
 
 
 @triton.jit
@@ -66,23 +65,11 @@ def swiglu_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> Tupl
 
 
 @triton.jit
-def _affine(X, VS, VB, rows, cols, M, N):
-    """(x + b) and s of a (rows, cols) tile, in float32, with the tile's mask."""
-    cmask = cols < N
-    mask = (rows < M)[:, None] & cmask[None, :]
-    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(VS + cols, mask=cmask, other=0.0).to(tl.float32)
-    bias = tl.load(VB + cols, mask=cmask, other=0.0).to(tl.float32)
-    return x + bias[None, :], scale[None, :], offs, mask
-
-
-@triton.jit
 def _swiglu_scale_bias_fwd_kernel(G, U, SG, BG, SU, BU, OUT, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    pre_g, s_g, offs, mask = _affine(G, SG, BG, rows, cols, M, N)
-    pre_u, s_u, _offs, _mask = _affine(U, SU, BU, rows, cols, M, N)
+    pre_g, s_g, offs, mask = affine_tile(G, SG, BG, rows, cols, M, N)
+    pre_u, s_u, _offs, _mask = affine_tile(U, SU, BU, rows, cols, M, N)
     g = pre_g * s_g
     out = g * tl.sigmoid(g) * (pre_u * s_u)
     tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
@@ -101,8 +88,8 @@ def _swiglu_scale_bias_bwd_kernel(DOUT, G, U, SG, BG, SU, BU, DG, DU, P, M, N, R
     first = chunk * ROWS_PER_PROGRAM
     for r0 in range(first, first + ROWS_PER_PROGRAM, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
-        pre_g, s_g, offs, mask = _affine(G, SG, BG, rows, cols, M, N)
-        pre_u, s_u, _offs, _mask = _affine(U, SU, BU, rows, cols, M, N)
+        pre_g, s_g, offs, mask = affine_tile(G, SG, BG, rows, cols, M, N)
+        pre_u, s_u, _offs, _mask = affine_tile(U, SU, BU, rows, cols, M, N)
         d = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
         g = pre_g * s_g
         u = pre_u * s_u
@@ -124,24 +111,13 @@ def _swiglu_scale_bias_bwd_kernel(DOUT, G, U, SG, BG, SU, BU, DG, DU, P, M, N, R
     tl.store(base + 3 * chunks * N, acc_bu, mask=cmask)
 
 
-def _scale_bias_tiles(m: int, n: int, device: torch.device, backward: bool = False) -> Tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): 2-D tiles of rows x channels (the channel vectors load once per tile);
-    small tiles in the interpreter. On sm_90 (tools/compile_check.py) the forward's 32 x 128 tile takes 80
-    registers per thread; the backward holds twice the live values and its row loop is software-pipelined: 248
-    registers at that tile, 128 at 8 x 128, 80 at 8 x 64 (the tile here: several programs per SM keep loads
-    in flight). Not yet timed."""
-    if not _device.compiled(device):
-        return 16, 32, 4
-    return (8, 64, 4) if backward else (32, 128, 4)
-
-
 def swiglu_scale_bias_fwd(gate: torch.Tensor, up: torch.Tensor, gate_scale, gate_bias, up_scale, up_bias
                           ) -> torch.Tensor:
     """gate, up (M, N) contiguous, same dtype; the four (N,) vectors contiguous (any float dtype)."""
     m, n = gate.shape
     out = torch.empty_like(gate)
     if out.numel():
-        block_m, block_n, warps = _scale_bias_tiles(m, n, gate.device)
+        block_m, block_n, warps = tiles(gate.device)
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
         _swiglu_scale_bias_fwd_kernel[grid](gate, up, gate_scale, gate_bias, up_scale, up_bias, out, m, n,
                                             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
@@ -153,12 +129,8 @@ def swiglu_scale_bias_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tens
     """(d gate, d up) in their dtype and (d s_g, d b_g, d s_u, d b_u) float32, summed over the M rows."""
     m, n = gate.shape
     dgate, dup = torch.empty_like(gate), torch.empty_like(up)
-    block_m, block_n, warps = _scale_bias_tiles(m, n, gate.device, backward=True)
-    col_blocks = max(triton.cdiv(n, block_n), 1)
-    # Enough row chunks to give every SM several programs, each walking a multiple of BLOCK_M rows.
-    want = max(1, 4 * _device.sm_count(gate.device) // col_blocks) if _device.compiled(gate.device) else 2
-    rows_per_program = triton.cdiv(max(triton.cdiv(m, want), 1), block_m) * block_m
-    chunks = max(1, triton.cdiv(m, rows_per_program))
+    block_m, block_n, warps = tiles(gate.device, backward=True)
+    chunks, rows_per_program, col_blocks = row_chunks(m, n, block_m, block_n, gate.device)
     partials = torch.zeros(4, chunks, n, dtype=torch.float32, device=gate.device)
     if gate.numel():
         _swiglu_scale_bias_bwd_kernel[(chunks, col_blocks)](

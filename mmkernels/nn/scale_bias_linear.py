@@ -6,8 +6,9 @@
 W and its original bias b0 stay frozen; s starts at 1 and b at 0, so the layer starts as the base layer.
 `merge()` folds s and b into a plain nn.Linear for inference:
     output form: W' = diag(s) W, b' = s * (b0 + b);   input form: W' = W diag(s), b' = b0 + b.
-The elementwise epilogue runs as PyTorch ops around the cuBLAS GEMM (in float32, rounded once to x's dtype);
-a fused kernel replaces it only once a GPU measurement shows it wins.
+The GEMM is cuBLAS's (F.linear). The output form's epilogue is ops.scale_bias: one kernel pass in float32,
+rounded once to x's dtype (autograd's chain of upcast, add, multiply and downcast made four float32 round
+trips through memory, forward and backward). The input form scales x by PyTorch ops before the GEMM.
 
 Memory: the scale's gradient needs the tensor it multiplies, W x (output form) or x (input form). Each form
 saves that tensor once, in x's dtype, as the GEMM produced or received it; the float32 epilogue is recomputed
@@ -29,27 +30,6 @@ FORMS = ("output", "input")
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
-
-
-class _OutputScale(torch.autograd.Function):
-    """out = ((y + bias) * scale) in float32 (or wider), rounded to `dtype`; saves y (only for the
-    scale's gradient), not its upcast."""
-
-    @staticmethod
-    def forward(ctx, y, bias, scale, dtype):
-        ctx.y_dtype, acc = y.dtype, torch.promote_types(y.dtype, torch.float32)
-        ctx.save_for_backward(y if ctx.needs_input_grad[2] else None, bias, scale)
-        return ((y.to(acc) + bias) * scale).to(dtype)
-
-    @staticmethod
-    def backward(ctx, dout):
-        y, bias, scale = ctx.saved_tensors
-        g = dout.to(torch.promote_types(ctx.y_dtype, torch.float32))
-        g_pre = g * scale
-        dy = g_pre.to(ctx.y_dtype) if ctx.needs_input_grad[0] else None
-        dbias = _rows(g_pre).sum(0).to(bias.dtype) if ctx.needs_input_grad[1] else None
-        dscale = _rows(g * (y.to(g.dtype) + bias)).sum(0).to(scale.dtype) if ctx.needs_input_grad[2] else None
-        return dy, dbias, dscale, None
 
 
 class _InputScale(torch.autograd.Function):
@@ -95,7 +75,7 @@ class ScaleBiasLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last dim {self.in_features}, got {tuple(x.shape)}")
         if self.form == "output":
-            return _OutputScale.apply(F.linear(x, self.weight), self._bias_total(), self.scale, x.dtype)
+            return ops.scale_bias(F.linear(x, self.weight), self.scale, self._bias_total(), out_dtype=x.dtype)
         y = F.linear(_InputScale.apply(x, self.scale), self.weight)
         return (y.to(torch.promote_types(y.dtype, torch.float32)) + self._bias_total()).to(x.dtype)
 

@@ -14,11 +14,12 @@ from mmkernels.ops.phm import phm_adapter, phm_linear
 from mmkernels.ops.quantized_linear import QuantizedWeight, quantized_linear
 from mmkernels.ops.rms_norm import rms_norm
 from mmkernels.ops.rope import rope, rope_cos_sin, rope_inv_freq
+from mmkernels.ops.scale_bias import scale_bias
 from mmkernels.ops.swiglu import swiglu, swiglu_scale_bias
 
 __all__ = [
     "MAX_DECODE_QUERIES", "QuantizedWeight", "attention", "decode_attention", "dynamic_expert",
     "gated_prompt_attention", "linear_cross_entropy", "lora_linear", "mom_adapter", "paca_adamw_sync", "paca_linear",
-    "phm_adapter", "phm_linear", "quantized_linear", "rms_norm", "rope", "rope_cos_sin", "rope_inv_freq", "swiglu",
-    "swiglu_scale_bias",
+    "phm_adapter", "phm_linear", "quantized_linear", "rms_norm", "rope", "rope_cos_sin", "rope_inv_freq", "scale_bias",
+    "swiglu", "swiglu_scale_bias",
 ]
