@@ -10,7 +10,7 @@
 # BUDGET_S: seconds for the whole pass (default 540). STAGE: run only these stages (default: all, in order):
 #   build tests gated_attention attention_bwd_tiles llama_adapter_layer decode_attention paca train_step qpaca_memory mom_adapter
 #   phm_adapter dynamic_expert attention rms_norm linear_cross_entropy swiglu swiglu_scale_bias
-#   rope paca_step
+#   scale_bias rope paca_step
 # Back on the development machine:  bash benchmarks/gpu_session.sh --collect OUTDIR/gpu_session.tar.gz
 # appends the bundle's JSON rows to benchmarks/results/ and puts its logs in benchmarks/results/logs/.
 set -uo pipefail
@@ -106,6 +106,7 @@ bench rms_norm 60 --quick --modes fwd+bwd --providers mmkernels:cuda,mmkernels:t
 bench linear_cross_entropy 60 --quick --modes fwd+bwd --providers mmkernels,eager
 bench swiglu 30 --quick --modes fwd+bwd --providers mmkernels,eager
 bench swiglu_scale_bias 30 --quick --modes fwd+bwd --providers mmkernels,unfused,eager
+bench scale_bias 30 --quick --modes fwd+bwd --providers mmkernels,unfused
 bench rope 30 --quick --modes fwd+bwd --providers mmkernels,eager
 bench paca_step 60 --quick
 echo "gpu_session: done in $(( SECONDS - started ))s" | tee -a "$work/session.log"

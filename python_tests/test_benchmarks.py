@@ -46,7 +46,7 @@ def _skip_if_missing(op):
         pytest.skip(f"{NEEDS[op].relative_to(REPO)} does not exist yet")
 
 
-@pytest.mark.parametrize("op", ["rms_norm", "swiglu", "swiglu_scale_bias", "rope", "attention", "gated_attention", "decode_attention",
+@pytest.mark.parametrize("op", ["rms_norm", "swiglu", "swiglu_scale_bias", "scale_bias", "rope", "attention", "gated_attention", "decode_attention",
                                 "llama_adapter_layer"])
 def test_script_quick_on_cpu(op, tmp_path):
     _skip_if_missing(op)
