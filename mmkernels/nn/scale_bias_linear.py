@@ -6,9 +6,10 @@
 W and its original bias b0 stay frozen; s starts at 1 and b at 0, so the layer starts as the base layer.
 `merge()` folds s and b into a plain nn.Linear for inference:
     output form: W' = diag(s) W, b' = s * (b0 + b);   input form: W' = W diag(s), b' = b0 + b.
-The GEMM is cuBLAS's (F.linear). The output form's epilogue is ops.scale_bias: one kernel pass in float32,
-rounded once to x's dtype (autograd's chain of upcast, add, multiply and downcast made four float32 round
-trips through memory, forward and backward). The input form scales x by PyTorch ops before the GEMM.
+The GEMM is cuBLAS's (F.linear); the elementwise work around it is ops.scale_bias, one kernel pass each in
+float32, rounded once to x's dtype (autograd's chain of upcast, add, multiply and downcast made four float32
+round trips through memory, forward and backward): (W x + b) * s for the output form; x * s before the GEMM
+and + b after it for the input form.
 
 Memory: the scale's gradient needs the tensor it multiplies, W x (output form) or x (input form). Each form
 saves that tensor once, in x's dtype, as the GEMM produced or received it; the float32 epilogue is recomputed
@@ -26,29 +27,6 @@ from torch.nn import functional as F
 from mmkernels import _checks, ops
 
 FORMS = ("output", "input")
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1])
-
-
-class _InputScale(torch.autograd.Function):
-    """x * scale in float32 (or wider), rounded to x's dtype; saves x (only for the scale's
-    gradient), not its upcast."""
-
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.x_dtype = x.dtype
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, scale)
-        return (x.to(torch.promote_types(x.dtype, torch.float32)) * scale).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, dxs):
-        x, scale = ctx.saved_tensors
-        g = dxs.to(torch.promote_types(ctx.x_dtype, torch.float32))
-        dx = (g * scale).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        dscale = _rows(g * x.to(g.dtype)).sum(0).to(scale.dtype) if ctx.needs_input_grad[1] else None
-        return dx, dscale
 
 
 class ScaleBiasLinear(nn.Module):
@@ -76,8 +54,9 @@ class ScaleBiasLinear(nn.Module):
             raise ValueError(f"x: expected last dim {self.in_features}, got {tuple(x.shape)}")
         if self.form == "output":
             return ops.scale_bias(F.linear(x, self.weight), self.scale, self._bias_total(), out_dtype=x.dtype)
-        y = F.linear(_InputScale.apply(x, self.scale), self.weight)
-        return (y.to(torch.promote_types(y.dtype, torch.float32)) + self._bias_total()).to(x.dtype)
+        y = F.linear(ops.scale_bias(x, self.scale), self.weight)  # x * s, saving x for the scale's gradient
+        unit = torch.ones(self.out_features, dtype=torch.float32, device=y.device)  # frozen: nothing saved
+        return ops.scale_bias(y, unit, self._bias_total(), out_dtype=x.dtype)
 
     @staticmethod
     def fused_swiglu(gate: "ScaleBiasLinear", up: "ScaleBiasLinear", x: torch.Tensor) -> torch.Tensor:
