@@ -38,8 +38,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')} "
           f"MMK_BACKEND={os.environ.get('MMK_BACKEND', 'auto')}")
     print(f"\nbackend per op on {device}:")
-    for op, row in backend.report(device).items():
-        print(f"  {op:<12} -> {row['selected']}")
+    report = backend.report(device)
+    width = max(map(len, report), default=0)
+    for op, row in report.items():
+        print(f"  {op:<{width}} -> {row['selected']}")
         if args.verbose:
             for name in backend.BACKENDS:
                 print(f"      {name:<9} {row[name]}")
