@@ -69,6 +69,25 @@ def test_the_meta_trace_saves_what_the_real_forward_saves(case):
     assert real.outside + sum(real.per_block) >= real.total  # a storage saved in two places counts once
 
 
+# no router, hypernetwork or visual path: the methods whose float32 adapter paths autocast leaves alone
+PLAIN_CASES = [c for c in sorted(CASES) if "images" not in c and not c.startswith(("lavin", "hyperllava"))]
+
+
+@pytest.mark.parametrize("case", PLAIN_CASES)
+def test_plain_methods_save_the_traced_bytes_under_autocast(case):
+    """The trainer runs a 16-bit base under autocast; the meta trace cannot autocast. For V1, V2 without
+    images, LoRA, PaCA, QPaCA and Compacter autocast changes nothing that is saved (CPU autocast here); the
+    routers, hypernetworks and visual projections of the others do change (see memory.py)."""
+    method, options, extra = CASES[case]
+    cfg = _cfg(method, options, extra)
+    loss_module, spec, vision = _loss_module(cfg, "cpu", torch.bfloat16)
+    batch = memory.traced_batch(cfg, spec, vision, "cpu")
+    batch = batch._replace(input_ids=torch.randint(3, 200, batch.input_ids.shape))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        real = memory.saved_activations(loss_module, batch)
+    assert _saved(cfg, "meta", torch.bfloat16) == real
+
+
 def test_bf16_and_the_unfused_loss():
     cfg = _cfg("llama_adapter", {}, MULTIMODAL, fused_loss=False)
     assert _saved(cfg, "meta", torch.bfloat16) == _saved(cfg, "cpu", torch.bfloat16)

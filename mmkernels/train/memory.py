@@ -18,10 +18,15 @@ state, activations and logits, from the shapes alone (the model is built on the 
 The trace runs the ops' fake (shape) implementations, which return what the CPU and GPU paths return, and
 the methods' own modules, so every method's saved tensors are in it (V2's scale inputs, LoRA's x, PaCA's
 x_I, LaVIN's and HyperLLaVA's adapters, the vision tower); python_tests/test_memory.py checks it against the
-bytes saved by the same forward on real tensors, for every method. Not in it: autocast (the trace runs the
-model's dtype as it is; the trainer's autocast changes nothing there when the base is 16-bit, which is the
-case it serves), the backward's transient tensors beyond the loss chunk and a recomputed block, allocator
-rounding and fragmentation, and CUDA's and NCCL's own buffers.
+bytes saved by the same forward on real tensors, for every method. Not in it: the backward's transient
+tensors beyond the loss chunk and a recomputed block, allocator rounding and fragmentation, CUDA's and
+NCCL's own buffers, and autocast: the trace runs the model's dtypes as they are (autocast does not apply to
+meta tensors). With a 16-bit base under CPU autocast, V1, V2 without images, LoRA, PaCA, QPaCA and Compacter
+save exactly the traced bytes (tested); LaVIN, HyperLLaVA and V2 with images differ on their small float32
+paths (routers, hypernetworks, visual projections), where autocast saves 16-bit copies of float32 weights
+and 16-bit activations instead of float32 ones: on the test's tiny model -16 bytes (LaVIN, text), +0.3% (V2
+with images), +11% (LaVIN with images), +21% (HyperLLaVA with images), none of it in the tensors that grow
+with the text.
 
 With several processes (`processes`, default torchrun's WORLD_SIZE) the figures are one process's, for the
 run's `distributed` mode:
