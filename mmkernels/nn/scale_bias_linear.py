@@ -63,7 +63,8 @@ class ScaleBiasLinear(nn.Module):
         """silu(gate(x)) * up(x) for two output-form layers, their epilogues inside ops.swiglu_scale_bias: only
         the two GEMM outputs are saved (unfused, each layer saves its GEMM output and swiglu saves the two
         scaled tensors again). The epilogues stay in float32 up to the swiglu (unfused, gate(x) and up(x) are
-        rounded to x's dtype first)."""
+        rounded to x's dtype first). The two layers are read, not called: forward hooks registered on them do
+        not run here (models.llama.MLP takes this path for V2)."""
         for name, layer in (("gate", gate), ("up", up)):
             if not isinstance(layer, ScaleBiasLinear) or layer.form != "output":
                 raise ValueError(f"{name}: expected an output-form ScaleBiasLinear, got {layer!r}")
