@@ -1,5 +1,6 @@
 """`--estimate`'s activations: the training forward traced on the meta device saves, tensor for tensor, what
-the same forward saves on real tensors, for every method (memory.saved_activations)."""
+the same forward saves on real tensors, for every method (memory.saved_activations), and the peak of the
+whole step (forward and backward, memory.step_peak) on the meta device is the peak on real tensors."""
 
 import dataclasses
 
@@ -31,12 +32,12 @@ def _cfg(method, options, extra, **kw):
                           "max_len": 24, **extra, **kw})
 
 
-def _loss_module(cfg, device, dtype):
+def _loss_module(cfg, device, dtype, config=None):
     """The trainer's LossModule for cfg, built on `device` as Run.build builds it (weights random on CPU)."""
     spec = method_specs.get(cfg.method)
     torch.manual_seed(0)
     with torch.device(device):
-        model = Llama(LlamaConfig.tiny()).to(dtype)
+        model = Llama(config or LlamaConfig.tiny()).to(dtype)
         vision = None
         if cfg.vision is not None:
             from mmkernels.models.vision import VisionTower
@@ -48,15 +49,19 @@ def _loss_module(cfg, device, dtype):
     return trainer.LossModule(model, spec, vision, cfg.fused_loss, cfg.loss_chunk), spec, vision
 
 
-def _saved(cfg, device, dtype=torch.float32):
-    loss_module, spec, vision = _loss_module(cfg, device, dtype)
+def _batch(cfg, spec, vision, device):
     batch = memory.traced_batch(cfg, spec, vision, device)
     if device != "meta":  # token ids and pixels of a real batch (values do not change what is saved)
-        batch = batch._replace(input_ids=torch.randint(3, 200, batch.input_ids.shape))
+        batch = batch._replace(input_ids=torch.randint(3, 200, batch.input_ids.shape, device=device))
         batch = batch._replace(labels=batch.input_ids.clone())
         if batch.images is not None:
             batch = batch._replace(images=torch.rand_like(batch.images))
-    return memory.saved_activations(loss_module, batch)
+    return batch
+
+
+def _saved(cfg, device, dtype=torch.float32):
+    loss_module, spec, vision = _loss_module(cfg, device, dtype)
+    return memory.saved_activations(loss_module, _batch(cfg, spec, vision, device))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -124,9 +129,105 @@ def test_checkpointed_blocks_keep_only_their_inputs():
     assert full.kept < full.total / 2
 
 
+def _peak(cfg, device, dtype=torch.float32, config=None):
+    loss_module, spec, vision = _loss_module(cfg, device, dtype, config)
+    return memory.step_peak(loss_module, _batch(cfg, spec, vision, device))
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "checkpointed"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_meta_step_peaks_where_the_real_step_peaks(case, recompute):
+    """One training step's forward and backward allocate and free on the meta device what they do on real
+    tensors: the same peak, split the same way. With checkpointed blocks the forward keeps less and the backward
+    (which recomputes a block) holds more."""
+    method, options, extra = CASES[case]
+    cfg = _cfg(method, options, extra, grad_checkpointing=recompute)
+    real, traced = _peak(cfg, "cpu"), _peak(cfg, "meta")
+    assert traced == real
+    assert real.total == real.activations + real.logits + real.backward
+    saved = _saved(cfg, "meta")
+    if recompute:
+        assert real.activations <= saved.kept and real.phase == "backward"
+        full = _peak(dataclasses.replace(cfg, grad_checkpointing=False), "meta")
+        assert real.activations < full.activations and real.backward > full.backward
+    else:  # the peak is in the backward, when the last blocks have freed some of what they saved
+        assert saved.total / 2 < real.activations <= saved.total + _forward_outputs(cfg)
+
+
+def _forward_outputs(cfg):
+    """Bytes of the tensors the forward returns or the loss module still holds (hidden states in float32)."""
+    config = LlamaConfig.tiny()
+    return 2 * cfg.batch_size * cfg.max_len * config.hidden_size * 4
+
+
+def test_the_timeline_counts_each_storage_from_its_op_to_its_death():
+    """memory._Timeline by hand: a view shares its base's storage; a storage dies with its last view; the
+    tensors alive before the timeline are not counted."""
+    x = torch.zeros(1000)
+    timeline = memory._Timeline([x])
+    with timeline:
+        a = x * 2  # 4000
+        b = a[:500]  # a view: nothing new
+        c = a + 1  # 4000: peak 8000
+        del a
+        d = c * 3  # a still alive through b: 12000
+        del b
+        e = d - 1  # a freed: 12000 again
+        del c, d, e
+        f = x.sum()  # 4
+    assert memory._peak(timeline.events, set()) == memory.StepPeak(12000, 12000, 0, 0, "forward")
+    assert memory._peak(timeline.events, {2}) == memory.StepPeak(8000, 8000, 0, 0, "forward")  # leave out d
+    assert sum(size for _, size, _ in timeline.events) == f.nbytes
+
+
+def test_the_loss_peak_holds_its_logits():
+    """With a vocabulary large against the model the step peaks in the loss: the unfused loss holds three
+    float32 (tokens x vocab) tensors (the log-softmax it saved, its gradient and the logits' gradient); the fused
+    one a chunk of logits (x's dtype), which its op allocates inside (memory._workspaces)."""
+    config = dataclasses.replace(LlamaConfig.tiny(), vocab_size=4096, num_hidden_layers=1)
+    cfg = _cfg("llama_adapter", {}, {})
+    tokens, vocab = cfg.batch_size * (cfg.max_len - 1), config.vocab_size
+    unfused = _peak(dataclasses.replace(cfg, fused_loss=False), "meta", config=config)
+    whole = _peak(cfg, "meta", config=config)
+    chunked = _peak(dataclasses.replace(cfg, loss_chunk=8), "meta", config=config)
+    assert unfused.phase == whole.phase == chunked.phase == "loss"
+    assert 3 * tokens * vocab * 4 <= unfused.logits < 3 * tokens * vocab * 4 + 4 * tokens * config.hidden_size
+    assert whole.logits - chunked.logits == (tokens - 8) * vocab * 4
+    assert chunked.logits < whole.logits < unfused.logits / 2
+    assert _peak(dataclasses.replace(cfg, loss_chunk=8), "cpu", config=config) == chunked
+
+
 def test_estimate_takes_the_trace():
     cfg = _cfg("llama_adapter", {}, MULTIMODAL)
-    saved = _saved(cfg, "meta")
-    assert memory.estimate(cfg)["activations"] == saved.total
-    est = memory.estimate(dataclasses.replace(cfg, grad_checkpointing=True))
-    assert (est["activations"], est["recompute"]) == (saved.kept, max(saved.per_block))
+    for recompute in (False, True):
+        cfg = dataclasses.replace(cfg, grad_checkpointing=recompute)
+        peak, est = _peak(cfg, "meta"), memory.estimate(cfg)
+        assert (est["activations"], est["logits"], est["backward"]) == peak[1:4]
+        assert est["total"] == sum(v for k, v in est.items() if k != "total")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "checkpointed"])
+def test_the_traced_peak_is_the_gpu_peak(recompute):
+    """On a GPU (the Triton kernels, bf16) one V2 step allocates at its peak what the meta trace says plus the
+    parameters' gradients, within 3% and 1 MiB (the kernels' scratch, the allocator's 512-byte blocks):
+    torch.cuda.max_memory_allocated over a step after a warm-up step (cuBLAS's workspace, compiled kernels)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    config = dataclasses.replace(LlamaConfig.tiny(), vocab_size=8192, hidden_size=512, intermediate_size=1376,
+                                 num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
+    cfg = _cfg("llama_adapter", {"version": 2}, {}, max_len=512, grad_checkpointing=recompute)
+    loss_module, spec, vision = _loss_module(cfg, "cuda", torch.bfloat16, config)
+    batch = _batch(cfg, spec, vision, "cuda")
+    trainable = [p for p in loss_module.parameters() if p.requires_grad]
+    for _ in range(2):
+        for p in trainable:
+            p.grad = None
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss_module(batch).backward()
+        torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated() - before
+    predicted = _peak(cfg, "meta", torch.bfloat16, config).total + sum(p.grad.nbytes for p in trainable)
+    assert abs(measured - predicted) <= 0.03 * predicted + 2**20, (measured, predicted)

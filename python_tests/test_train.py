@@ -256,8 +256,9 @@ def test_checkpoint_is_atomic_and_pruned(tmp_path):
 # -- memory estimate -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("recompute", [False, True])
 def test_estimate_matches_the_model(tmp_path, recompute):
-    """Weights, gradients and optimizer state are the built run's; activations are what its forward saves
-    on a batch of batch_size x max_len tokens (test_memory.py checks the trace method by method)."""
+    """Weights, gradients and optimizer state are the built run's; activations, logits and backward are the
+    peak of its training step on a batch of batch_size x max_len tokens (test_memory.py checks the trace method
+    by method)."""
     cfg = _cfg(tmp_path, vision=None, grad_checkpointing=recompute, data=str(tmp_path / "d.jsonl"),
                data_format="instruction", max_len=256, batch_size=2)
     (tmp_path / "d.jsonl").write_text(json.dumps({"instruction": "x", "output": "y"}))
@@ -268,9 +269,10 @@ def test_estimate_matches_the_model(tmp_path, recompute):
     assert est["weights"] == _weight_bytes(run.model)
     batch = memory.traced_batch(cfg, run.spec, run.vision, run.device)
     batch = batch._replace(input_ids=torch.randint(3, 200, batch.input_ids.shape))
-    saved = memory.saved_activations(run.loss_module, batch)
-    assert est["activations"] == (saved.kept if recompute else saved.total)
-    assert est["recompute"] == (max(saved.per_block) if recompute else 0)
+    assert run.model.gradient_checkpointing == recompute
+    peak = memory.step_peak(run.loss_module, batch)
+    assert (est["activations"], est["logits"], est["backward"]) == peak[1:4]
+    assert est["total"] == est["weights"] + est["gradients"] + est["optimizer"] + peak.total
 
 
 def _weight_bytes(model):

@@ -1,32 +1,33 @@
 """`mmkernels train --estimate`: the expected peak memory of a run, split into weights, gradients, optimizer
-state, activations and logits, from the shapes alone (the model is built on the meta device).
+state, activations, logits and the backward's tensors, from the shapes alone (the model is built on the meta device).
 
     weights      every parameter and buffer at its dtype (frozen base in `dtype`, or QPaCA's quantized base
                  and full-precision columns; trainable parameters in float32; rope tables, column indices)
     gradients    float32, trainable parameters only
     optimizer    AdamW: two float32 moments per trainable parameter
-    activations  what the forward and the loss save for the backward, for one micro-batch of batch_size x
-                 max_len tokens (images for every sample of a multimodal method with a vision tower): traced,
-                 not a formula: the training forward runs on the meta device (shapes, no data) and every
-                 tensor that autograd saves is counted once per storage, parameters left out (see
-                 saved_activations); with grad_checkpointing, what stays from the forward: the tensors saved
-                 outside the blocks and each block's inputs (which the recompute needs)
-    recompute    with grad_checkpointing, the largest block's saved tensors while the backward recomputes it
-    logits       what the loss adds beyond its saved tensors: fused, one chunk of (chunk x vocab) float32
-                 logits; otherwise two float32 (tokens x vocab) gradients in the backward (the log-softmax
-                 output it saves is among the activations)
-The trace runs the ops' fake (shape) implementations, which return what the CPU and GPU paths return, and
-the methods' own modules, so every method's saved tensors are in it (V2's scale inputs, LoRA's x, PaCA's
-x_I, LaVIN's and HyperLLaVA's adapters, the vision tower); python_tests/test_memory.py checks it against the
-bytes saved by the same forward on real tensors, for every method. Not in it: the backward's transient
-tensors beyond the loss chunk and a recomputed block, allocator rounding and fragmentation, CUDA's and
-NCCL's own buffers, and autocast: the trace runs the model's dtypes as they are (autocast does not apply to
-meta tensors). With a 16-bit base under CPU autocast, V1, V2 without images, LoRA, PaCA, QPaCA and Compacter
-save exactly the traced bytes (tested); LaVIN, HyperLLaVA and V2 with images differ on their small float32
-paths (routers, hypernetworks, visual projections), where autocast saves 16-bit copies of float32 weights
-and 16-bit activations instead of float32 ones: on the test's tiny model -16 bytes (LaVIN, text), +0.3% (V2
-with images), +11% (LaVIN with images), +21% (HyperLLaVA with images), none of it in the tensors that grow
-with the text.
+    activations  }  the peak of one training step's forward and backward, for one micro-batch of batch_size x
+    logits       }  max_len tokens (images for every sample of a multimodal method with a vision tower), split by
+    backward     }  where the bytes live then were allocated (step_peak): by the forward of the method's inputs
+                 and the model (activations: what autograd saved for the backward and still holds; with grad_checkpointing only
+                 the tensors outside the blocks and each block's inputs), by the loss (its tensors and
+                 gradients; the fused loss's chunk of logits while its op runs; the unfused loss's float32
+                 tokens x vocab tensors), by the model's backward (activation gradients, a recomputed block)
+The step is traced, not a formula: it runs on the meta device (shapes, no data), every storage an op allocates
+is an event, every storage's death (a weak reference) another, and the peak is the largest sum of the live
+ones; parameters, buffers, the batch and the parameters' gradients (counted whole above) are left out. The
+ops' fake (shape) implementations return what the CPU and GPU paths return, so every method's tensors are in
+it (V2's scale inputs, LoRA's x, PaCA's x_I, LaVIN's and HyperLLaVA's adapters, the vision tower);
+python_tests/test_memory.py checks, for every method with and without gradient checkpointing, that the meta
+step peaks where the same step on real tensors peaks, at the same bytes. Not in it: the ops' own scratch
+other than the fused loss's chunk of logits (per-tile partial sums, cuBLAS's workspace), allocator rounding
+and fragmentation, CUDA's and NCCL's own buffers, the optimizer step's temporaries (after the backward has
+freed the activations), and autocast: the trace runs the model's dtypes as they are (autocast does not
+apply to meta tensors). What the forward saves (saved_activations) under CPU autocast with a 16-bit base is
+exactly the traced bytes for V1, V2 without images, LoRA, PaCA, QPaCA and Compacter (tested); LaVIN,
+HyperLLaVA and V2 with images differ on their small float32 paths (routers, hypernetworks, visual
+projections), where autocast saves 16-bit copies of float32 weights and 16-bit activations instead of float32
+ones: on the test's tiny model -16 bytes (LaVIN, text), +0.3% (V2 with images), +11% (LaVIN with images),
++21% (HyperLLaVA with images), none of it in the tensors that grow with the text.
 
 With several processes (`processes`, default torchrun's WORLD_SIZE) the figures are one process's, for the
 run's `distributed` mode:
@@ -49,17 +50,17 @@ FSDP2 run on two processes.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterable, Iterator, NamedTuple, Optional, Tuple
+import weakref
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils import _pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmkernels.models import Llama, LlamaConfig
 from mmkernels.train.config import TrainConfig
-
-DEFAULT_LOSS_CHUNK = 4096  # tokens per chunk when the op chooses (see ops.linear_cross_entropy)
-
 
 def _dtype(cfg: TrainConfig) -> torch.dtype:
     from mmkernels import _checks
@@ -90,7 +91,7 @@ def _flash_sdpa_on_meta() -> Iterator[None]:
     original = F.scaled_dot_product_attention
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if query.device.type == "meta" and dropout_p == 0.0 and not enable_gqa:
+        if query.device.type == "meta" and dropout_p == 0.0:  # the CPU flash op takes fewer kv heads as they are
             return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 query, key, value, 0.0, is_causal, attn_mask=attn_mask, scale=scale)[0]
         return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
@@ -161,6 +162,144 @@ def saved_activations(loss_module: nn.Module, batch) -> SavedActivations:
     blocks = list(per_block.values())
     return SavedActivations(total(outside, *blocks), total(outside), tuple(total(b) for b in blocks),
                             total(outside, inputs))
+
+
+class StepPeak(NamedTuple):
+    """The peak of one training step's forward and backward (step_peak): `total` bytes live then, split by
+    where they were allocated: `activations` by the forward of the method's inputs and the model (what it
+    left for the backward, and the tensors Python still holds), `logits` by the loss (its forward's tensors, its
+    gradients, and the fused loss's chunk of logits while that runs), `backward` by the model's backward
+    (activation gradients, a recomputed block's tensors); `phase` ("forward", "loss" or "backward") says when
+    it falls. Each storage counts once; parameters, buffers, the batch and the parameters' gradients are left
+    out (estimate() counts those whole)."""
+
+    total: int
+    activations: int
+    logits: int
+    backward: int
+    phase: str
+
+
+def _loss_chunk_logits(args) -> int:
+    """The fused loss's one chunk of logits (x's dtype, reused by every chunk), which its op allocates inside
+    and frees before it returns; args: linear_cross_entropy_fwd's or _rows_bwd's (x, weight, ..., chunk_size,
+    ...)."""
+    x, weight = args[0], args[1]
+    chunk = next(a for a in args[5:] if isinstance(a, int) and not isinstance(a, bool))
+    return min(chunk, x.shape[0]) * weight.shape[0] * x.element_size()
+
+
+def _workspaces() -> Dict[object, Callable[[tuple], int]]:
+    """Ops whose scratch memory is large enough to count: the bytes each allocates inside, from its args."""
+    import importlib
+
+    importlib.import_module("mmkernels.ops.linear_cross_entropy")  # registers the ops
+    lce = torch.ops.mmkernels
+    return {lce.linear_cross_entropy_fwd.default: lambda a: _loss_chunk_logits(a),
+            lce.linear_cross_entropy_rows_bwd.default: lambda a: _loss_chunk_logits(a[1:])}
+
+
+class _Timeline(TorchDispatchMode):
+    """Every storage an op allocates (its outputs' storages not seen before), with the phase it was allocated in,
+    and every free (a weak reference's callback when the storage dies), in order: events (serial, bytes, phase),
+    bytes negative for a free. Storages alive when the timeline starts (parameters, buffers, the batch) are not
+    events. An op's scratch (_workspaces) is an allocation and a free around its outputs."""
+
+    def __init__(self, known: Iterable[torch.Tensor]) -> None:
+        super().__init__()
+        self.known = {t.untyped_storage()._cdata for t in known}
+        self.live: Dict[int, int] = {}  # storage key -> serial
+        self.refs: Dict[int, weakref.ref] = {}
+        self.events: List[Tuple[int, int, str]] = []
+        self.phase = "forward"
+        self.workspaces = _workspaces()
+
+    def _note(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.known or key in self.live:
+            return
+        serial, size, phase = len(self.events), storage.nbytes(), self.phase
+        self.live[key] = serial
+
+        def freed(_ref, key=key, serial=serial, size=size, phase=phase):
+            self.events.append((serial, -size, phase))
+            self.live.pop(key, None)
+            self.refs.pop(serial, None)
+
+        self.refs[serial] = weakref.ref(storage, freed)
+        self.events.append((serial, size, phase))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in _pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._note(t)
+        scratch = self.workspaces.get(func)
+        if scratch is not None:
+            serial = len(self.events)
+            self.events += [(serial, scratch(args), self.phase), (serial, -scratch(args), self.phase)]
+        return out
+
+    def serial(self, t: torch.Tensor) -> Optional[int]:
+        return self.live.get(t.untyped_storage()._cdata)
+
+
+def _peak(events: List[Tuple[int, int, str]], left_out: set) -> StepPeak:
+    category = {"forward": "activations", "loss": "logits", "backward": "backward"}
+    live = {"activations": 0, "logits": 0, "backward": 0}
+    best, phase = dict(live), "forward"
+    now = "forward"
+    for serial, size, at in events:
+        if serial in left_out:
+            continue
+        live[category[at]] += size
+        if size > 0:
+            now = at
+        if sum(live.values()) > sum(best.values()):
+            best, phase = dict(live), now
+    return StepPeak(sum(best.values()), best["activations"], best["logits"], best["backward"], phase)
+
+
+def trace_step(step: Callable[[], torch.Tensor], module: nn.Module, known: Iterable[torch.Tensor] = (),
+               model: Optional[nn.Module] = None) -> StepPeak:
+    """The peak of the memory that step().backward() allocates (StepPeak), for a step that trains `module`'s
+    parameters. known: other tensors alive before the step (its inputs), left out with the parameters, the
+    buffers and the parameters' gradients. model: the module whose output is the hidden states the loss reads
+    (its forward hook starts the "loss" phase, the gradient of its output the "backward" phase); without it
+    every byte counts as activations. The parameters' gradients are set back to None after."""
+    params = list(module.parameters())
+    timeline = _Timeline([*params, *module.buffers(), *known])
+
+    def model_done(_module, _args, hidden):
+        timeline.phase = "loss"
+        if torch.is_tensor(hidden) and hidden.requires_grad:
+            hidden.register_hook(lambda grad: setattr(timeline, "phase", "backward"))
+
+    handle = None if model is None else model.register_forward_hook(model_done)
+    try:
+        with timeline, _flash_sdpa_on_meta():
+            step().backward()
+            grads = {timeline.serial(p.grad) for p in params if p.grad is not None}
+    finally:
+        if handle is not None:
+            handle.remove()
+        for p in params:
+            p.grad = None
+    return _peak(timeline.events, grads - {None})
+
+
+def step_peak(loss_module: nn.Module, batch) -> StepPeak:
+    """The peak of one training step's forward and backward, loss_module(batch).backward() (the trainer's
+    LossModule; gradient checkpointing as its model has it): trace_step. On the meta device it costs no memory
+    and no compute, which is how estimate() uses it; on real tensors it follows the same ops (the tests compare
+    the two)."""
+    vision = getattr(loss_module, "_vision", [None])[0]
+    known = _pytree.tree_leaves(tuple(batch))
+    if vision is not None:  # not a submodule of the loss module
+        known += [*vision.parameters(), *vision.buffers()]
+    return trace_step(lambda: loss_module(batch), loss_module, [t for t in known if torch.is_tensor(t)],
+                      loss_module.model)
 
 
 def traced_batch(cfg: TrainConfig, spec, vision: Optional[nn.Module], device):
@@ -277,19 +416,10 @@ def estimate(cfg: TrainConfig, processes: Optional[int] = None) -> Dict[str, int
         gradients, optimizer = grads * (2 if mode == "ddp" else 1), 2 * grads
     weights += _whole_bytes(whole)
     loss_module = LossModule(model, spec, vision, cfg.fused_loss, cfg.loss_chunk)
-    saved = saved_activations(loss_module, traced_batch(cfg, spec, vision, "meta"))
-    if cfg.grad_checkpointing:
-        activations, recompute = saved.kept, max(saved.per_block, default=0)
-    else:
-        activations, recompute = saved.total, 0
-    tokens = cfg.batch_size * cfg.max_len
-    vocab = config.vocab_size
-    if cfg.fused_loss:
-        logits = min(tokens, cfg.loss_chunk or DEFAULT_LOSS_CHUNK) * vocab * 4
-    else:
-        logits = tokens * vocab * (4 + 4)  # the gradients through log_softmax (its saved output is traced)
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    peak = step_peak(loss_module, traced_batch(cfg, spec, vision, "meta"))
     out = {"weights": weights, "gathered": gathered, "gradients": gradients, "optimizer": optimizer,
-           "activations": activations, "recompute": recompute, "logits": logits}
+           "activations": peak.activations, "logits": peak.logits, "backward": peak.backward}
     out["total"] = sum(out.values())
     return out
 
