@@ -13,6 +13,11 @@ per-layer cost dominates the full 32-layer model (the embedding, final norm, lm_
 when a run has two depths the script prints each provider's per-layer slope and a linear extrapolation to 32
 layers (an estimate, not a measured row). Every provider starts from the same seeded weights.
 
+Each case also prints its peak as traced on the meta device (traced_peak_bytes: the step's allocations and
+frees, as `mmkernels train --estimate` traces a run, plus weights, gradients and AdamW's moments), beside the
+measured one; the CPU smoke prints the traced peaks of the three providers at 32 layers and their ratios to
+PEFT's (estimates, printed, never written as rows).
+
 Target (a goal, bf16; only a GPU run's rows can show whether it is met): at the target shape mmkernels_v2
 reaches >= 1.5x the tokens/s of peft_adaption_prompt with <= 0.7x its peak memory.
 
@@ -242,13 +247,56 @@ def make_case(provider: str, shape: Dict[str, Any], dtype, device, lr: float = L
 # ----------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _unpacked_positions():
+    """transformers reads the position ids' values to find packed sequences, which meta tensors do not have;
+    the benchmark's positions are 0..T-1 in every row, one sequence each: nothing is packed."""
+    import transformers.masking_utils as masking
+
+    original = getattr(masking, "find_packed_sequence_indices", None)
+    if original is not None:
+        masking.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        if original is not None:
+            masking.find_packed_sequence_indices = original
+
+
+def traced_peak_bytes(provider: str, shape: Dict[str, Any], dtype) -> int:
+    """The provider's step traced on the meta device as `mmkernels train --estimate` traces a run: its weights
+    and buffers, each trainable parameter's gradient and AdamW's two moments (in the parameter's dtype), and
+    the peak of one forward and backward (train.memory.trace_step; no autocast on meta tensors). An estimate
+    to set beside the measured peak_mem_mb, not a measurement."""
+    from mmkernels.train import memory
+
+    case = make_case(provider, shape, dtype, "meta")
+    ids = torch.zeros(shape["B"], shape["T"], dtype=torch.long, device="meta")
+    with _unpacked_positions():
+        peak = memory.trace_step(lambda: case.loss_fn(ids), case.model, [ids])
+    held = sum(t.nbytes for t in [*case.model.parameters(), *case.model.buffers()])
+    return held + 3 * sum(p.nbytes for p in case.model.parameters() if p.requires_grad) + peak.total
+
+
+def traced_summary(depth: int = FULL_DEPTH) -> List[str]:
+    """Each provider's traced peak (traced_peak_bytes, bf16) at `depth` layers of the target shape, and its
+    ratio to peft_adaption_prompt's: what the GPU run's peak_mem_mb is expected to show."""
+    shape = {**TARGET, "layers": depth}
+    peaks = {p: traced_peak_bytes(p, shape, torch.bfloat16) for p in PROVIDERS}
+    peft = peaks["peft_adaption_prompt"]
+    return [f"traced at {depth} layers (estimate): {p} peak {b / 2**20:,.0f} MiB"
+            + ("" if p == "peft_adaption_prompt" else f", {b / peft:.2f}x PEFT's") for p, b in peaks.items()]
+
+
 def run_case(provider: str, shape, dtype, warmup: int, rep: int, copy_gbps, env, matmul_tflops=None):
     device = torch.device(runner.DEVICE)
+    traced = traced_peak_bytes(provider, shape, dtype)
     case = make_case(provider, shape, dtype, device)
     ms, row = runner.time_step_case(case, op=OP, mode=MODE, provider=provider, shape=shape, dtype=dtype,
                                     warmup=warmup, rep=rep, copy_gbps=copy_gbps, env=env,
                                     matmul_tflops=matmul_tflops, flops=flops(shape))
-    print(f"{provider}: {case.trainable():,} trainable parameters; {tokens_per_s(shape, ms[0]):,.0f} tokens/s")
+    print(f"{provider}: {case.trainable():,} trainable parameters; {tokens_per_s(shape, ms[0]):,.0f} tokens/s; "
+          f"peak {row['peak_mem_mb']:,.0f} MiB (traced on meta: {traced / 2**20:,.0f} MiB)")
     return row
 
 
@@ -394,6 +442,12 @@ def smoke(steps: int = 3, lr: float = 1e-2, backends: Optional[List[str]] = None
                 failures.append(err)
     print(f"smoke: {OP} {shape}: checked {', '.join(runs) or 'nothing'}"
           + ("" if base_loss is None else " against transformers (step 0) and PEFT AdaptionPrompt (every step)"))
+    if base_loss is not None:
+        try:
+            for line in traced_summary():
+                print(line)
+        except Exception as exc:
+            failures.append(f"{OP} traced peaks: {type(exc).__name__}: {exc}")
     return failures + runner.flop_failures(OP, PRESETS, flops)
 
 

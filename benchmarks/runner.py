@@ -402,6 +402,8 @@ def seeded_hf_llama(config, dtype, device, seed: int = 0):
     torch.manual_seed(seed)
     with torch.device(device):
         hf = transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    if torch.device(device).type == "meta":  # shapes only (memory traces): no values to draw
+        return hf.to(dtype).train()
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in hf.named_parameters():
         if name.endswith(".bias"):

@@ -44,6 +44,26 @@ def test_smoke_on_cpu(tmp_path, monkeypatch, capsys):
     for checked in ("v2[reference]", "v2[triton]", "v2_ckpt[reference]", "peft,", "v2 in PEFT's form",
                     "against transformers (step 0) and PEFT AdaptionPrompt (every step)"):
         assert checked in printed, (checked, printed)
+    for provider in bts.PROVIDERS:
+        assert f"traced at 32 layers (estimate): {provider} peak" in printed, printed
+
+
+def test_traced_peak_is_the_trace_of_the_providers_step():
+    """traced_peak_bytes on a tiny shape: weights, three copies of the trainable parameters (gradient, two
+    moments) and the step's traced peak, which on the meta device is the step's peak on CPU tensors; a
+    checkpointed V2 step peaks lower than the plain one."""
+    from mmkernels.train import memory
+
+    shape = dict(bts.SMOKE_SHAPE, T=64, layers=3)
+    for provider in bts.PROVIDERS:
+        case = bts.make_case(provider, shape, torch.float32, CPU)
+        ids = runner.step_ids(shape, CPU)
+        peak = memory.trace_step(lambda: case.loss_fn(ids), case.model, [ids])
+        held = sum(t.nbytes for t in [*case.model.parameters(), *case.model.buffers()])
+        trainable = sum(p.nbytes for p in case.model.parameters() if p.requires_grad)
+        assert bts.traced_peak_bytes(provider, shape, torch.float32) == held + 3 * trainable + peak.total, provider
+    v2, ckpt = (bts.traced_peak_bytes(p, shape, torch.float32) for p in ("mmkernels_v2", "mmkernels_v2_ckpt"))
+    assert ckpt < v2
 
 
 def test_smoke_catches_a_wrong_loss_and_a_checkpointed_path_that_differs(monkeypatch):
