@@ -8,6 +8,7 @@ import mmkernels
 from mmkernels import ops
 from mmkernels.reference import attention as ref
 from _harness import check_against_reference
+from _tolerance import assert_close_to_reference
 
 attn_mod = importlib.import_module("mmkernels.ops.attention")
 
@@ -21,6 +22,9 @@ CASES = [
     (1, 5, 37, 2, 2, 64, True, None),
     (2, 17, 17, 4, 1, 16, False, None),
     (1, 9, 23, 2, 1, 32, False, None),
+    # S = T + 1 with a full 16-query block (the interpreter's tiles): the block's last query sees the first key
+    # of the next key block (the causal key range of the forward / dq, the query range of dk/dv).
+    (1, 17, 18, 2, 1, 16, True, None),
     (2, 11, 11, 2, 2, 64, True, (0, 4)),
     (2, 3, 20, 4, 2, 16, True, (2, 18)),  # sample 1: keys 18.. only; query 0 at position 17 sees none
     (2, 6, 6, 2, 1, 16, False, (5, 6)),  # sample 1 sees no key at all
@@ -45,6 +49,54 @@ def test_triton_matches_reference(device, case, dtype):
         lambda q, k, v: ops.attention(q, k, v, causal=causal, kv_start=kv_start),
         [q, k, v], backend="triton", dtype=dtype, name=f"attention{case}",
     )
+
+
+def test_fp16_kv_gradients_accumulate_in_fp32(device):
+    """dk and dv sum over the GROUP x T query rows of a kv head, one query tile at a time (16 queries in the
+    interpreter, 32 on a GPU): the running sums must stay in float32. Query heads h and h + 4 get the same
+    queries and opposite output gradients, so their terms cancel exactly: the true dk and dv are 0, while the
+    running sums first grow to O(1). A half-precision accumulator leaves its rounding (~1e-3) in the result,
+    float32 about 1e-6 (the floor is 2e-4)."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 64, 4, 16, generator=gen).repeat(1, 1, 2, 1)
+    k, v = torch.randn(1, 16, 1, 16, generator=gen), torch.randn(1, 16, 1, 16, generator=gen)
+    dout = torch.randn(1, 64, 4, 16, generator=gen)
+    dout = torch.cat((dout, -dout), 2)
+
+    def run(backend, dtype):
+        x = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
+        with mmkernels.use_backend(backend):
+            out = ops.attention(*x, causal=False)
+        return [out.detach(), *torch.autograd.grad(out, x, dout.to(device, dtype))]
+
+    high, low, ours = run("reference", torch.float64), run("reference", torch.float16), run("triton", torch.float16)
+    for name, a, lo, hi in zip(("out", "dq", "dk", "dv"), ours, low, high):
+        assert_close_to_reference(a, lo, hi, f"attention fp16 cancelling heads {name}")
+
+
+def test_fp16_dq_accumulates_in_fp32(device):
+    """dq sums over the keys one key tile at a time (16 keys in the interpreter): the running sum must stay in
+    float32. The second key tile repeats the first one's keys with negated values, so each key's dq term is
+    cancelled exactly by its twin's (equal probabilities, opposite ds; the output, hence delta, is exactly 0):
+    the true dq is 0 while the running sum after the first tile is O(1). A half-precision accumulator leaves
+    its rounding (~1e-3) in the result, float32 nothing (the floor is 2e-4). More tiles per twin would not do:
+    the forward's rescaling between tiles leaves the output a few ulps off 0, so ds loses its exact symmetry."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 16, 1, 16, generator=gen)
+    k = torch.randn(1, 16, 1, 16, generator=gen).repeat(1, 2, 1, 1)
+    v = torch.randn(1, 16, 1, 16, generator=gen)
+    v = torch.cat((v, -v), 1)
+    dout = 8 * torch.randn(1, 16, 1, 16, generator=gen)
+
+    def run(backend, dtype):
+        x = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
+        with mmkernels.use_backend(backend):
+            out = ops.attention(*x, causal=False)
+        return [out.detach(), *torch.autograd.grad(out, x, dout.to(device, dtype))]
+
+    high, low, ours = run("reference", torch.float64), run("reference", torch.float16), run("triton", torch.float16)
+    for name, a, lo, hi in zip(("out", "dq", "dk", "dv"), ours, low, high):
+        assert_close_to_reference(a, lo, hi, f"attention fp16 mirrored key tiles {name}")
 
 
 def test_rows_seeing_no_key_are_zero_with_zero_gradient(device):

@@ -7,6 +7,7 @@ import mmkernels
 from mmkernels import ops
 from mmkernels.reference import gated_attention as ref
 from _harness import check_against_reference
+from _tolerance import assert_close_to_reference
 
 mod = importlib.import_module("mmkernels.ops.gated_attention")
 
@@ -18,6 +19,8 @@ CASES = [
     (2, 17, 17, 2, 2, 16, 64, 1, True, 1, "raw", (0, 5)),  # PEFT-style scalar raw gate, L_p=64
     (1, 9, 9, 4, 4, 128, 3, 1, False, 4, "tanh", None),  # non-causal main segment
     (2, 6, 6, 2, 1, 16, 5, 2, False, 2, "tanh", (5, 6)),  # a sample whose main segment sees no key
+    (2, 5, 5, 2, 1, 16, 17, 1, True, 2, "tanh", None),  # L_p=17, one past a power of two: the backward
+    # preprocess holds the whole prompt in one tile
 ]
 
 
@@ -45,6 +48,30 @@ def test_triton_matches_reference(device, case, dtype):
                                                               kv_start=kv_start),
         tensors, backend="triton", dtype=dtype, name=f"gated{case}", reduced={5: gate_terms},
     )
+
+
+def test_fp16_gradient_sums_accumulate_in_fp32(device):
+    """The main and the prompt segment's dk and dv sum over the GROUP x T query rows of a kv head, one query tile
+    at a time: the running sums must stay in float32. Query heads h and h + 2 get the same queries and opposite
+    output gradients (one fixed gate), so their terms cancel exactly: the true dk, dv, d prompt_k and d prompt_v
+    are 0 while the running sums first grow to O(1). A half-precision accumulator leaves its rounding (~1e-3) in
+    the result, float32 about 1e-6 (the floor is 2e-4)."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 64, 2, 16, generator=gen).repeat(1, 1, 2, 1)
+    k, v, pk, pv = (torch.randn(1, 16, 1, 16, generator=gen) for _ in range(4))
+    dout = torch.randn(1, 64, 2, 16, generator=gen)
+    dout = torch.cat((dout, -dout), 2)
+
+    def run(backend, dtype):
+        x = [t.to(device, dtype).requires_grad_() for t in (q, k, v, pk, pv)]
+        with mmkernels.use_backend(backend):
+            out = ops.gated_prompt_attention(*x, 0.8, causal=False, gate_fn="raw")
+        return [out.detach(), *torch.autograd.grad(out, x, dout.to(device, dtype))]
+
+    high, low, ours = run("reference", torch.float64), run("reference", torch.float16), run("triton", torch.float16)
+    names = ("out", "dq", "dk", "dv", "d prompt_k", "d prompt_v")
+    for name, a, lo, hi in zip(names, ours, low, high):
+        assert_close_to_reference(a, lo, hi, f"gated fp16 cancelling heads {name}")
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -58,8 +58,9 @@ def _reduced(batch, t, d, norm):
 
 
 # (batch, T, d, h, groups, norm): d not a power of two and not a multiple of the 32-wide CPU chunk, T=1,
-# T crossing the 16-token blocks (so each sample has several blocks over 2 programs), 4 groups of h=16.
-CASES_FP32 = [(2, 37, 40, 8, 2, False), (3, 1, 72, 8, 2, True), (2, 9, 48, 16, 4, False)]
+# T crossing the 16-token blocks (so each sample has several blocks over 2 programs), 4 groups of h=16; the norm
+# with 3 token blocks over 2 programs (a program adds a second block to its norm-weight partial).
+CASES_FP32 = [(2, 37, 40, 8, 2, False), (3, 1, 72, 8, 2, True), (2, 9, 48, 16, 4, False), (2, 37, 40, 8, 2, True)]
 CASES_FP16 = [(2, 19, 72, 8, 2, True), (1, 5, 40, 8, 2, False)]
 
 

@@ -140,7 +140,8 @@ def test_hyperparameters(device, backend_name, betas, weight_decay):
 
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
-@pytest.mark.parametrize("beta1", [0.9, 0.2])
+# beta1 = 0.5: lerp weight exactly 0.5, the boundary of torch's two lerp formulas (weight < 0.5 or not)
+@pytest.mark.parametrize("beta1", [0.9, 0.2, 0.5])
 def test_kernel_is_torch_order_with_ieee_sqrt(device, wdtype, idx_dtype, beta1):
     """The kernel against torch operations in AdamW's order, with a correctly rounded sqrt: bit for bit.
     Strided delta, grad and states, and a weight stored transposed."""
