@@ -34,6 +34,9 @@ Providers:
                           ops.gated_prompt_attention.
     mmkernels_v2_ckpt     the same with model.gradient_checkpointing = True (each block recomputed in the
                           backward).
+    mmkernels_v2_ckpt3of4 the same recomputing the first three quarters of the blocks (model.checkpoint_blocks
+                          = 3 * layers // 4, `--checkpoint-blocks` of the trainer: 24 of LLaMA-7B's 32), the
+                          others saving their activations: memory traded for a quarter less recomputation.
     peft_adaption_prompt  transformers LlamaForCausalLM (bf16, sdpa attention) built with attention_bias=True
                           and mlp_bias=True, its biases zero (so the same function as the bias-free model) +
                           get_peft_model(AdaptionPromptConfig(adapter_len=10, adapter_layers=layers,
@@ -90,7 +93,7 @@ import mmkernels
 OP = "train_step"
 MODE = "step"
 ATTN_OP = "gated_prompt_attention"  # the op whose backend an mmkernels row records
-PROVIDERS = ("mmkernels_v2", "mmkernels_v2_ckpt", "peft_adaption_prompt")
+PROVIDERS = ("mmkernels_v2", "mmkernels_v2_ckpt", "mmkernels_v2_ckpt3of4", "peft_adaption_prompt")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROMPT_LEN = 10
 LR = 1e-4
@@ -223,7 +226,9 @@ def make_case(provider: str, shape: Dict[str, Any], dtype, device, lr: float = L
     torch.manual_seed(1)  # the prompts' init: the same in every mmkernels case
     llama_adapter.apply(model, adapter_config(peft_form, shape["L_p"]))
     fp32_trainable(model)
-    model.gradient_checkpointing = name == "mmkernels_v2_ckpt"
+    model.gradient_checkpointing = name in ("mmkernels_v2_ckpt", "mmkernels_v2_ckpt3of4")
+    if name == "mmkernels_v2_ckpt3of4":
+        model.checkpoint_blocks = 3 * shape["layers"] // 4
     if forced:
         ok, why = mmk_backend.availability(forced, ATTN_OP, device)
         if not ok:

@@ -45,7 +45,7 @@ def _loss_module(cfg, device, dtype, config=None):
             vision = VisionTower.from_config(trainer.tiny_vision_config()).to(dtype).eval()
         spec.apply(model, cfg.method_options, vision)
     trainer.master_weights(model)
-    model.gradient_checkpointing = cfg.grad_checkpointing
+    trainer.set_checkpointing(model, cfg)
     return trainer.LossModule(model, spec, vision, cfg.fused_loss, cfg.loss_chunk), spec, vision
 
 
@@ -152,6 +152,33 @@ def test_the_meta_step_peaks_where_the_real_step_peaks(case, recompute):
         assert real.activations < full.activations and real.backward > full.backward
     else:  # the peak is in the backward, when the last blocks have freed some of what they saved
         assert saved.total / 2 < real.activations <= saved.total + _forward_outputs(cfg)
+
+
+@pytest.mark.parametrize("case", ["lavin_images", "qpaca_nf4"])
+def test_checkpointing_the_first_blocks(case, monkeypatch):
+    """checkpoint_blocks=N recomputes the first N blocks only: with none the step is the one that saves
+    everything; with one (of the tiny model's two) block 0 alone is checkpointed, and the step's peak differs
+    from both ends (on the tiny model it need not lie between them: where the peak falls moves), on meta as on
+    real tensors."""
+    from mmkernels.models import llama
+
+    method, options, extra = CASES[case]
+    steps = {n: _cfg(method, options, extra, grad_checkpointing=True, checkpoint_blocks=n) for n in (0, 1, None)}
+    saved = _peak(_cfg(method, options, extra), "meta")
+    checkpointed = []
+    checkpoint = llama.checkpoint
+
+    def counted(block, *args, **kw):
+        checkpointed.append(block.layer)
+        return checkpoint(block, *args, **kw)
+
+    monkeypatch.setattr(llama, "checkpoint", counted)
+    none, one, every = (_peak(cfg, "meta") for cfg in steps.values())
+    assert checkpointed == [0, 0, 1]
+    assert none == saved and one not in (saved, every)
+    assert _peak(steps[1], "cpu") == one
+    with pytest.raises(ValueError, match="checkpoint_blocks: expected at most the model's 2 blocks, got 3"):
+        memory.estimate(dataclasses.replace(steps[1], checkpoint_blocks=3))
 
 
 def _forward_outputs(cfg):

@@ -69,6 +69,16 @@ def test_config_bad_values():
         TrainConfig(method="prefix_tuning")
     with pytest.raises(ValueError, match="--method-option: expected KEY=VALUE"):
         train_config.parse_method_options(["version"])
+    with pytest.raises(ValueError, match="checkpoint_blocks: expected None or a non-negative integer, got -1"):
+        TrainConfig(grad_checkpointing=True, checkpoint_blocks=-1)
+    with pytest.raises(ValueError, match="checkpoint_blocks: applies with grad_checkpointing, which is off"):
+        TrainConfig(checkpoint_blocks=1)
+    assert _parse(["--grad-checkpointing", "--checkpoint-blocks", "1"]).checkpoint_blocks == 1
+
+
+def test_checkpoint_blocks_beyond_the_model_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="checkpoint_blocks: expected at most the model's 2 blocks, got 3"):
+        trainer.Run.build(_cfg(tmp_path, grad_checkpointing=True, checkpoint_blocks=3, **_instructions(tmp_path)))
 
 
 def test_every_option_is_documented():
@@ -133,26 +143,29 @@ def _instructions(tmp_path):
 # -- gradient checkpointing ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["llama_adapter", "lavin", "hyperllava", "lora", "paca", "compacter"])
 def test_grad_checkpointing_changes_no_gradient(tmp_path, method):
-    """Recomputing every block in the backward gives the losses and gradients of the run that saves the
-    activations, for every method: LaVIN's routing weights and HyperLLaVA's guidance live outside the blocks'
-    arguments and are restored around the recomputation (Llama.recompute_contexts). The multimodal methods
-    train on the demo set (batches mixing image and text-only samples), the others on instructions."""
+    """Recomputing every block in the backward, or only the first (checkpoint_blocks=1), gives the losses and
+    gradients of the run that saves the activations, for every method: LaVIN's routing weights and
+    HyperLLaVA's guidance live outside the blocks' arguments and are restored around the recomputation
+    (Llama.recompute_contexts). The multimodal methods train on the demo set (batches mixing image and
+    text-only samples), the others on instructions."""
     kw = dict(max_grad_norm=0.0, method=method)
     if method == "llama_adapter":
         kw["method_options"] = {"gate_init": 0.5}
     if method not in ("llama_adapter", "lavin", "hyperllava"):
         kw.update(_instructions(tmp_path))
     runs = []
-    for recompute in (False, True):
-        run = trainer.Run.build(_cfg(tmp_path / str(recompute), grad_checkpointing=recompute, **kw))
-        assert run.model.gradient_checkpointing is recompute
+    for i, recompute in enumerate([{}, dict(grad_checkpointing=True), dict(grad_checkpointing=True, checkpoint_blocks=1)]):
+        run = trainer.Run.build(_cfg(tmp_path / str(i), **recompute, **kw))
+        assert run.model.gradient_checkpointing is bool(recompute)
+        assert run.model.checkpoint_blocks == recompute.get("checkpoint_blocks")
         losses = [run.train_step()["loss"] for _ in range(2)]
         runs.append((losses, {n: p.grad.clone() for n, p in run.params.items()}))
-    (ref_losses, ref), (losses, grads) = runs
-    assert losses == ref_losses
+    (ref_losses, ref), *others = runs
     assert any(g.abs().max() > 0 for g in ref.values())
-    for name, g in ref.items():
-        torch.testing.assert_close(grads[name], g, rtol=0, atol=0, msg=name)
+    for losses, grads in others:
+        assert losses == ref_losses
+        for name, g in ref.items():
+            torch.testing.assert_close(grads[name], g, rtol=0, atol=0, msg=name)
 
 
 def test_master_weights_keep_a_shared_parameter_shared():

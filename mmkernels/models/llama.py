@@ -114,6 +114,7 @@ class Llama(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
+        self.checkpoint_blocks: Optional[int] = None  # with gradient_checkpointing: the first N blocks; None: all
         # Functions f(model) -> context manager, for methods that keep per-forward state outside the blocks'
         # arguments (LaVIN's routing weights, HyperLLaVA's guidance). With gradient checkpointing each is called
         # as a block's forward is checkpointed, and what it returns is entered around that block's
@@ -151,7 +152,8 @@ class Llama(nn.Module):
         earlier tokens with its id, and (when positions is not given) each sample's rotary positions restart at 0.
 
         With `gradient_checkpointing` set (and grad enabled) each block's activations are recomputed in the
-        backward instead of saved.
+        backward instead of saved; with `checkpoint_blocks` = N as well, only the first N blocks' (the others
+        save theirs: memory traded for the recomputation, block by block).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids, inputs_embeds: expected exactly one of them, got "
@@ -183,8 +185,8 @@ class Llama(nn.Module):
         cos, sin = ops.rope_cos_sin(positions, self._inv_freq)
         residual = None
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and kv_cache is None
-        for block in self.layers:
-            if recompute:
+        for i, block in enumerate(self.layers):
+            if recompute and (self.checkpoint_blocks is None or i < self.checkpoint_blocks):
                 x, residual = checkpoint(block, x, residual, cos, sin, None, kv_start, visual_prompts, segment_ids,
                                          use_reentrant=False, context_fn=self._checkpoint_contexts)
             else:

@@ -72,6 +72,8 @@ class TrainConfig:
     seed: int = _opt(0, "seed of the adapter init, the data order and the demo data")
     # memory
     grad_checkpointing: bool = _opt(False, "recompute each block's activations in the backward")
+    checkpoint_blocks: Optional[int] = _opt(None, "with grad_checkpointing: recompute only the first N blocks, the "
+                                            "others save their activations (default: every block)")
     fused_loss: bool = _opt(True, "chunked fused lm_head + cross-entropy (never materialises all logits)")
     loss_chunk: Optional[int] = _opt(None, "tokens per chunk of the fused loss (default: chosen by the op)")
     # output
@@ -119,6 +121,14 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name}: expected a non-negative integer, got {value!r}")
+        if self.checkpoint_blocks is not None:
+            if not isinstance(self.checkpoint_blocks, int) or isinstance(self.checkpoint_blocks, bool) \
+                    or self.checkpoint_blocks < 0:
+                raise ValueError(f"checkpoint_blocks: expected None or a non-negative integer, got "
+                                 f"{self.checkpoint_blocks!r}")
+            if not self.grad_checkpointing:
+                raise ValueError(f"checkpoint_blocks: applies with grad_checkpointing, which is off (got "
+                                 f"checkpoint_blocks={self.checkpoint_blocks})")
         if self.loss_chunk is not None and (not isinstance(self.loss_chunk, int) or self.loss_chunk < 1):
             raise ValueError(f"loss_chunk: expected None or a positive integer, got {self.loss_chunk!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
@@ -172,7 +182,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (default None: 'not given', so a config file's value stands)."""
     p.add_argument("--config", default=None, help="a TOML/YAML/JSON file with any of the keys below")
     p.add_argument("--estimate", action="store_true",
-                   help="print the expected peak memory split (weights, activations, optimizer, logits) and exit")
+                   help="print the expected peak memory split (weights, gradients, optimizer, activations, logits, "
+                        "backward) and exit")
     p.add_argument("--processes", type=int, default=None,
                    help="with --estimate: the run's number of processes, for one process's share under ddp or fsdp "
                         "(default: WORLD_SIZE as torchrun sets it, else 1)")
@@ -190,7 +201,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             kind = {int: int, float: float}.get(type(default), str)
-            if f.name == "loss_chunk":
+            if f.type in ("Optional[int]", Optional[int]):  # loss_chunk, checkpoint_blocks
                 kind = int
             p.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"),
                            help=help_text)

@@ -383,7 +383,7 @@ def estimate(cfg: TrainConfig, processes: Optional[int] = None) -> Dict[str, int
     """Bytes per category and "total", for one of `processes` processes (default: WORLD_SIZE, 1 without
     torchrun) in the mode cfg.distributed resolves to."""
     from mmkernels.train import method_specs
-    from mmkernels.train.trainer import LossModule, master_weights, tiny_vision_config
+    from mmkernels.train.trainer import LossModule, master_weights, set_checkpointing, tiny_vision_config
 
     processes, mode = layout(cfg, processes)
     spec = method_specs.get(cfg.method)
@@ -416,7 +416,7 @@ def estimate(cfg: TrainConfig, processes: Optional[int] = None) -> Dict[str, int
         gradients, optimizer = grads * (2 if mode == "ddp" else 1), 2 * grads
     weights += _whole_bytes(whole)
     loss_module = LossModule(model, spec, vision, cfg.fused_loss, cfg.loss_chunk)
-    model.gradient_checkpointing = cfg.grad_checkpointing
+    set_checkpointing(model, cfg)
     peak = step_peak(loss_module, traced_batch(cfg, spec, vision, "meta"))
     out = {"weights": weights, "gathered": gathered, "gradients": gradients, "optimizer": optimizer,
            "activations": peak.activations, "logits": peak.logits, "backward": peak.backward}
@@ -427,8 +427,9 @@ def estimate(cfg: TrainConfig, processes: Optional[int] = None) -> Dict[str, int
 def format_estimate(est: Dict[str, int], cfg: TrainConfig, processes: Optional[int] = None) -> str:
     processes, mode = layout(cfg, processes)
     where = "" if mode == "none" else f" on each of {processes} processes ({mode})"
+    blocks = "" if cfg.checkpoint_blocks is None else f" (the first {cfg.checkpoint_blocks} blocks)"
     lines = [f"expected peak memory of one training step{where} ({cfg.method}, micro-batch {cfg.batch_size} x "
-             f"{cfg.max_len} tokens, grad_checkpointing={cfg.grad_checkpointing}, fused_loss={cfg.fused_loss}):"]
+             f"{cfg.max_len} tokens, grad_checkpointing={cfg.grad_checkpointing}{blocks}, fused_loss={cfg.fused_loss}):"]
     for key, value in est.items():
         if key != "gathered" or mode == "fsdp":
             lines.append(f"  {key:<12} {value / 2**20:>12,.1f} MiB")

@@ -120,6 +120,16 @@ class LossModule(nn.Module):
         return logits if bias is None else logits + bias.float()
 
 
+def set_checkpointing(model: Llama, cfg: TrainConfig) -> None:
+    """cfg's gradient checkpointing on the model: every block recomputed, or the first cfg.checkpoint_blocks."""
+    blocks = len(model.layers)
+    if cfg.checkpoint_blocks is not None and cfg.checkpoint_blocks > blocks:
+        raise ValueError(f"checkpoint_blocks: expected at most the model's {blocks} blocks, got "
+                         f"{cfg.checkpoint_blocks}")
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    model.checkpoint_blocks = cfg.checkpoint_blocks
+
+
 def master_weights(model: nn.Module) -> None:
     """Trainable parameters in float32 (AdamW's master weights) on a 16-bit base: a method may unlock weights of
     the base's dtype (LLaMA-Adapter V2's norms); the ops take float32 weights with 16-bit activations."""
@@ -229,7 +239,7 @@ class Run:
         torch.manual_seed(cfg.seed)  # the adapter init
         spec.apply(model, cfg.method_options, vision)
         master_weights(model)
-        model.gradient_checkpointing = cfg.grad_checkpointing
+        set_checkpointing(model, cfg)
         train_samples, eval_set = build_data(cfg, tokenizer, vision, model)
         if vision is None and any(s.image is not None for s in train_samples):
             raise ValueError("data: the samples have images but no vision tower is configured (set `vision`)")
