@@ -224,6 +224,19 @@ def test_scienceqa_prompt_target_and_choice_scoring(tmp_path):
         choice_prompt({"question": "q", "choices": ["a", "b"], "answer": -1}, TOK)
 
 
+def test_scienceqa_sample_of_exactly_max_len_is_kept(tmp_path):
+    """A record whose prompt + answer letter + eos is exactly max_len tokens fits; one token less is an error
+    (or skipped), never a truncated prompt."""
+    path = write_jsonl(tmp_path / "s.jsonl", [{"question": "2+2?", "choices": ["4", "5"], "answer": 0}])
+    n = len(TOK.encode(scienceqa_prompt("2+2?", ["4", "5"]), add_bos=True)) + 2
+    (sample,) = scienceqa_samples(path, TOK, max_len=n, image_size=5)
+    assert len(sample.input_ids) == n and sample.labels[-2:] == [ord("A"), TOK.eos_id]
+    with pytest.raises(DataError, match=rf"s\.jsonl:1: the prompt \({n - 2} tokens\) leaves no room for 2 trained"):
+        scienceqa_samples(path, TOK, max_len=n - 1, image_size=5)
+    with pytest.warns(UserWarning, match="skipped 1 record"):
+        assert scienceqa_samples(path, TOK, max_len=n - 1, image_size=5, too_long="skip") == []
+
+
 # ---------------------------------------------------------------------------------------------- packing
 
 

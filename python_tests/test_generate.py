@@ -25,6 +25,18 @@ def test_kv_cache_decode_equals_full_forward(model):
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_kv_cache_reset_starts_a_new_request(model):
+    """reset() empties the cache: the same request run again gives the same logits and fills it again."""
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
+    cache = model.new_kv_cache(2, 12)
+    with torch.no_grad():
+        first = model(ids, kv_cache=cache)
+        cache.reset()
+        again = model(ids, kv_cache=cache)
+    assert cache.length == 9 and not cache.prompts
+    assert torch.equal(again, first)
+
+
 def test_left_padded_batch_equals_each_prompt_alone(model):
     prompts = [[5, 9, 2, 33, 7, 1, 8], [4, 4], [60, 3, 17, 9]]
     batched = generate(model, prompts, max_new_tokens=6, pad_id=0)
@@ -68,6 +80,15 @@ def test_top_p_filter_keeps_the_nucleus():
     torch.manual_seed(0)
     samples = torch.multinomial(torch.softmax(top_p_filter(logits, 0.8), -1).expand(2000, 4), 1)
     assert set(samples.flatten().tolist()) == {0, 2}
+
+
+def test_top_p_filter_stops_when_the_mass_is_reached_exactly():
+    """Exactly representable masses (four equal tokens, 0.25 each): top_p 0.5 keeps two tokens, not three (the
+    set is the smallest that reaches top_p); 0.5 + a little keeps three."""
+    logits = torch.zeros(1, 4)
+    assert int(torch.isfinite(top_p_filter(logits, 0.5)).sum()) == 2
+    assert int(torch.isfinite(top_p_filter(logits, 0.75)).sum()) == 3
+    assert int(torch.isfinite(top_p_filter(logits, 0.51)).sum()) == 3
 
 
 def test_bad_arguments(model):

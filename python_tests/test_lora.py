@@ -113,6 +113,26 @@ def test_zero_init_merge_and_errors():
         ops.lora_linear(x, layer.weight, layer.lora_A.double(), layer.lora_B, 1.0)
 
 
+def test_dropout_path_matches_the_formula():
+    """With dropout in training mode the low-rank path reads dropout(x) (PEFT's order) and keeps the alpha / r
+    scaling: y = x W^T + b + s (dropout(x) A^T) B^T, on the same dropout mask; in eval mode no dropout."""
+    base = torch.nn.Linear(40, 24)
+    layer = LoRALinear(base, rank=4, alpha=12.0, dropout=0.25)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 5, 40)
+    torch.manual_seed(7)
+    y = layer(x)
+    torch.manual_seed(7)
+    dropped = torch.nn.functional.dropout(x, 0.25, True)
+    assert not torch.equal(dropped, x)
+    torch.testing.assert_close(y, _formula(x, base.weight, layer.lora_A, layer.lora_B, 3.0, base.bias) +
+                               3.0 * (dropped - x) @ layer.lora_A.t() @ layer.lora_B.t(), rtol=1e-5, atol=1e-5)
+    layer.eval()
+    torch.testing.assert_close(layer(x), _formula(x, base.weight, layer.lora_A, layer.lora_B, 3.0, base.bias),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_opcheck():
     x, w, a, b = torch.randn(6, 16), torch.randn(8, 16), torch.randn(2, 16), torch.randn(8, 2)
     torch.library.opcheck(lora_linear_fwd, (x, w, a, b, 0.5))

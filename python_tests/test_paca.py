@@ -187,6 +187,20 @@ def test_synced_layer_equals_effective_weight(device, backend_name, dtype):
     assert torch.equal(merged(x), layer(x))
 
 
+def test_merge_folds_a_delta_not_yet_synced():
+    """merge() exports W_eff of the current delta even when no sync ran since delta changed (load_adapter and
+    load_state_dict set delta only; the forward's W_eff follows at the next sync)."""
+    base = nn.Linear(20, 12)
+    w0 = base.weight.detach().double().clone()
+    layer = PaCALinear(base, 5, scaling=0.5, seed=1, name="layers.0.mlp.up_proj")
+    with torch.no_grad():
+        layer.delta.copy_(torch.randn(12, 5, generator=torch.Generator().manual_seed(0)))
+    merged = layer.merge()
+    expected = ref.scatter_delta(w0, layer.delta.double(), layer.idx, 0.5)
+    torch.testing.assert_close(merged.weight.double(), expected, rtol=0, atol=1e-6)
+    assert torch.equal(merged.bias, base.bias) and merged.bias is not base.bias
+
+
 def test_column_choice_is_deterministic_per_name_and_seed():
     assert ref.layer_seed("q_proj", 0) == zlib.crc32(b"q_proj") and ref.layer_seed("q_proj", 1) != ref.layer_seed("q_proj", 0)
     a = PaCALinear(nn.Linear(100, 8), 16, name="layers.0.q_proj").idx

@@ -65,3 +65,13 @@ def test_int8_bound_and_zero_rows():
 def test_bad_input():
     with pytest.raises(ValueError, match="block: expected an even block size"):
         qz.quantize_nf4(torch.randn(8), 3)
+
+
+def test_int8_all_zero_row_gets_scale_one():
+    """An all-zero row has scale 1 and codes 0 (as documented), not a zero scale that divides 0 by 0."""
+    w = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    w[1] = 0.0
+    q, scale = qz.quantize_int8(w)
+    assert scale[1].item() == 1.0 and torch.equal(q[1], torch.zeros(8, dtype=torch.int8))
+    assert torch.equal(qz.dequantize_int8(q, scale)[1], torch.zeros(8))
+    torch.testing.assert_close(scale[[0, 2]], w[[0, 2]].abs().amax(1) / 127, rtol=0, atol=0)

@@ -124,6 +124,50 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path):
         torch.testing.assert_close(runs[1][1][name], g, rtol=1e-4, atol=1e-6 * g.abs().max().item(), msg=name)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_step_loss_and_gradients_are_the_shifted_token_mean(tmp_path, fused):
+    """A step's loss and gradients are those of transformers' causal-LM loss on the model's logits: logits at i
+    predict labels[i + 1], summed over the trained tokens of both micro-batches and divided by their count,
+    with the fused lm_head loss and without it (an independent oracle: the other trainer tests compare runs of
+    the trainer with each other)."""
+    import copy
+
+    from torch.nn import functional as F
+
+    run = trainer.Run.build(_cfg(tmp_path, method="lora", fused_loss=fused, batch_size=2, grad_accum=2,
+                                 max_grad_norm=0.0, **_instructions(tmp_path)))
+    with torch.no_grad():
+        for n, p in run.params.items():  # B = 0 at init would leave A without a gradient
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.02)
+    upcoming = iter(copy.deepcopy(run.loader))  # the two micro-batches train_step will take
+    batches = [next(upcoming), next(upcoming)]
+    count = sum(int((b.labels[:, 1:] != trainer.IGNORE).sum()) for b in batches)
+    total = sum(F.cross_entropy(run.model(b.input_ids)[:, :-1].flatten(0, 1), b.labels[:, 1:].flatten(),
+                                ignore_index=trainer.IGNORE, reduction="sum") for b in batches)
+    (total / count).backward()  # the oracle's gradients, before the step replaces them
+    expected = {n: p.grad.clone() for n, p in run.params.items()}
+    row = run.train_step()
+    assert row["trained_tokens"] == count
+    assert row["loss"] == pytest.approx(total.item() / count, rel=1e-5)
+    for name, g in expected.items():
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(run.params[name].grad, g, rtol=1e-4, atol=1e-6 * g.abs().max().item(), msg=name)
+
+
+def test_each_step_uses_and_logs_the_warmup_cosine_lr(tmp_path):
+    """Optimizer step k (0-based) runs at lr * warmup_cosine(k) (times each group's multiplier), and the row it
+    returns reports that lr: the scheduler and the logged value must agree with the schedule, not be one off."""
+    kw = dict(method="lora", warmup_steps=2, max_steps=5, min_lr_ratio=0.1, lr_multipliers={"layers.0.": 0.5})
+    cfg = _cfg(tmp_path, **kw, **_instructions(tmp_path))
+    run = trainer.Run.build(cfg)
+    for k in range(cfg.max_steps):
+        expected = cfg.lr * trainer.warmup_cosine(k, 2, 5, 0.1)
+        used = {g["lr_multiplier"]: g["lr"] for g in run.optimizer.param_groups}
+        assert used == pytest.approx({1.0: expected, 0.5: 0.5 * expected}, rel=1e-12), k
+        assert run.train_step()["lr"] == pytest.approx(expected, rel=1e-12), k
+
+
 def test_only_trainable_parameters_change_and_have_optimizer_state(tmp_path):
     run = trainer.Run.build(_cfg(tmp_path))
     frozen = {n: p.detach().clone() for n, p in run.model.named_parameters() if not p.requires_grad}
@@ -217,6 +261,22 @@ def test_resume_in_process_continues_exactly(tmp_path, method):
     assert losses == pytest.approx(expected, rel=1e-6, abs=1e-7)
 
 
+def test_resume_restores_the_rng_state(tmp_path):
+    """LoRA dropout draws from torch's RNG: a resumed run is on the uninterrupted run's losses only when the
+    checkpoint's RNG state is restored (Run.build reseeds it, so without the restore the dropout masks of steps 3
+    and 4 would be those of steps 1 and 2)."""
+    kw = dict(method="lora", max_steps=4, method_options={"dropout": 0.3}, **_instructions(tmp_path))
+    full = trainer.Run.build(_cfg(tmp_path / "a", **kw))
+    expected = [full.train_step()["loss"] for _ in range(4)]
+    part = trainer.Run.build(_cfg(tmp_path / "b", **kw))
+    for _ in range(2):
+        part.train_step()
+    part.save_checkpoint()
+    resumed = trainer.Run.build(_cfg(tmp_path / "b", resume=True, **kw))
+    assert resumed.resume() and resumed.step == 2
+    assert [resumed.train_step()["loss"] for _ in range(2)] == pytest.approx(expected[2:], rel=1e-6, abs=1e-7)
+
+
 def _cli(*args):
     return [sys.executable, "-m", "mmkernels.cli", "train", *args]
 
@@ -264,6 +324,23 @@ def test_checkpoint_is_atomic_and_pruned(tmp_path):
     root = tmp_path / "run" / "checkpoints"
     assert sorted(os.listdir(root)) == ["latest", "step_00000002", "step_00000003"]
     assert ckpt.latest(str(tmp_path / "run")).endswith("step_00000003")
+
+
+def test_resume_refuses_a_checkpoint_of_other_parameters(tmp_path):
+    """A checkpoint's trainable tensors must be exactly this run's (a superset, from a run with more LoRA targets,
+    is refused too: loading part of it would resume a different model), and a `latest` naming a missing
+    checkpoint is an error, not a fresh start."""
+    from mmkernels.train import checkpoint as ckpt
+
+    kw = _instructions(tmp_path)
+    run = trainer.Run.build(_cfg(tmp_path, method="lora", **kw))
+    run.save_checkpoint()
+    fewer = trainer.Run.build(_cfg(tmp_path, method="lora", method_options={"targets": ["q_proj"]}, **kw))
+    with pytest.raises(ValueError, match="differ from this run's trainable parameters"):
+        fewer.resume()
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000009\n")
+    with pytest.raises(FileNotFoundError, match="step_00000009, which is incomplete or missing"):
+        ckpt.latest(str(tmp_path / "run"))
 
 
 # -- memory estimate -------------------------------------------------------------------------------------------
@@ -401,3 +478,12 @@ def test_lr_multipliers_by_longest_prefix():
     with pytest.raises(ValueError, match=r"prefixes \['vision'\] match no trainable parameter"):
         trainer.param_groups(params, 0.1, {"vision": 2.0})
     assert _parse(["--lr-multiplier", "visual_projection=0.3"]).lr_multipliers == {"visual_projection": 0.3}
+
+
+def test_prompt_ends_is_the_position_before_the_first_trained_label():
+    """prompt_end (a method's conditioning position, HyperLLaVA's guidance) is the last prompt position: the one
+    whose logits predict the first trained token, as evaluation's len(prompt_ids) - 1; a row with no trained
+    label gives its last position."""
+    I = trainer.IGNORE
+    labels = torch.tensor([[I, I, I, 5, 6], [I, 7, 8, I, I], [I, I, I, I, I]])
+    assert trainer.prompt_ends(labels).tolist() == [2, 0, 4]

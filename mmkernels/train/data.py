@@ -6,7 +6,8 @@ it is not (prompt tokens, padding); the loss shifts by one (logits at i predict 
 
 Input files are JSON Lines (one object per line; blank lines skipped) or one JSON array of objects (as
 alpaca_data.json and LLaVA's instruction files are). Every error about a file is a DataError naming the
-file and the 1-based line where the offending record starts ("data.jsonl:7: missing field 'output'").
+file and the 1-based line where the offending record starts ("data.jsonl:7: missing field 'output'"), or,
+for malformed JSON, the line of the syntax error.
 
 Too long samples: the output side is truncated to max_len (prompt first, then as many target tokens as
 fit). A sample whose prompt leaves no room for a single trained token is an error naming file:line by
