@@ -37,6 +37,9 @@ Providers:
     mmkernels_v2_ckpt3of4 the same recomputing the first three quarters of the blocks (model.checkpoint_blocks
                           = 3 * layers // 4, `--checkpoint-blocks` of the trainer: 24 of LLaMA-7B's 32), the
                           others saving their activations: memory traded for a quarter less recomputation.
+    mmkernels_v2_attn     mmkernels_v2 with model.recompute_attention = True (`--recompute-attention`): every
+                          attention's core (the q/k/v epilogues, rope, the attention) recomputed in the backward,
+                          the blocks otherwise saving their activations.
     peft_adaption_prompt  transformers LlamaForCausalLM (bf16, sdpa attention) built with attention_bias=True
                           and mlp_bias=True, its biases zero (so the same function as the bias-free model) +
                           get_peft_model(AdaptionPromptConfig(adapter_len=10, adapter_layers=layers,
@@ -67,10 +70,10 @@ gbps is null.
 Without a GPU it runs a correctness smoke (float32, tiny GQA config, three steps at lr 1e-2 through the same
 Case.step that the timed closure calls): at step 0 every provider's loss equals the plain transformers
 model's (zero-init gates, unit scales, zero biases); every provider's loss moves after a step; mmkernels_v2 on
-the triton backend (interpreter) and mmkernels_v2_ckpt give the losses of mmkernels_v2 on the reference
-backend at every step; and ours in PEFT's form (gate_fn="raw", gate_per_head=False, PEFT's prompts copied in,
-scales frozen; o_proj's bias frozen and the gates set to PARITY_GATE on both sides, so that the prompt path
-counts from step 0) gives PEFT's losses at every step, both stepping with SGD (AdamW's per-element
+the triton backend (interpreter), mmkernels_v2_ckpt and mmkernels_v2_attn give the losses of mmkernels_v2 on
+the reference backend at every step; and ours in PEFT's form (gate_fn="raw", gate_per_head=False, PEFT's prompts
+copied in, scales frozen; o_proj's bias frozen and the gates set to PARITY_GATE on both sides, so that the prompt
+path counts from step 0) gives PEFT's losses at every step, both stepping with SGD (AdamW's per-element
 normalisation would hide a gradient that is off by a factor; SGD's steps are the gradients themselves).
 """
 
@@ -93,7 +96,7 @@ import mmkernels
 OP = "train_step"
 MODE = "step"
 ATTN_OP = "gated_prompt_attention"  # the op whose backend an mmkernels row records
-PROVIDERS = ("mmkernels_v2", "mmkernels_v2_ckpt", "mmkernels_v2_ckpt3of4", "peft_adaption_prompt")
+PROVIDERS = ("mmkernels_v2", "mmkernels_v2_ckpt", "mmkernels_v2_ckpt3of4", "mmkernels_v2_attn", "peft_adaption_prompt")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROMPT_LEN = 10
 LR = 1e-4
@@ -229,6 +232,7 @@ def make_case(provider: str, shape: Dict[str, Any], dtype, device, lr: float = L
     model.gradient_checkpointing = name in ("mmkernels_v2_ckpt", "mmkernels_v2_ckpt3of4")
     if name == "mmkernels_v2_ckpt3of4":
         model.checkpoint_blocks = 3 * shape["layers"] // 4
+    model.recompute_attention = name == "mmkernels_v2_attn"
     if forced:
         ok, why = mmk_backend.availability(forced, ATTN_OP, device)
         if not ok:
@@ -421,6 +425,8 @@ def smoke(steps: int = 3, lr: float = 1e-2, backends: Optional[List[str]] = None
         record(f"v2[{b}]", lambda: make_case(f"mmkernels_v2:{b}", shape, dtype, device, lr=lr).losses(ids, steps))
     record("v2_ckpt[reference]",
            lambda: make_case("mmkernels_v2_ckpt:reference", shape, dtype, device, lr=lr).losses(ids, steps))
+    record("v2_attn[reference]",
+           lambda: make_case("mmkernels_v2_attn:reference", shape, dtype, device, lr=lr).losses(ids, steps))
     if base_loss is not None:
         record("peft", lambda: make_case("peft_adaption_prompt", shape, dtype, device, lr=lr).losses(ids, steps))
 
@@ -439,7 +445,8 @@ def smoke(steps: int = 3, lr: float = 1e-2, backends: Optional[List[str]] = None
         if len(got) > 1 and runner.compare_losses("", got[1:2], got[:1]) is None:
             failures.append(f"{OP} {label}: the loss did not move after an optimizer step: {got}")
     pairs = [(f"v2[{b}]", "v2[reference]") for b in backends if b != "reference"]
-    pairs += [("v2_ckpt[reference]", "v2[reference]"), (PARITY_OURS, PARITY_PEFT)]
+    pairs += [("v2_ckpt[reference]", "v2[reference]"), ("v2_attn[reference]", "v2[reference]"),
+              (PARITY_OURS, PARITY_PEFT)]
     for label, want in pairs:
         if label in runs and want in runs:
             err = runner.compare_losses(f"{OP} {label} vs {want} losses over {steps} steps", runs[label], runs[want])

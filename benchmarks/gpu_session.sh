@@ -96,7 +96,7 @@ bench llama_adapter_layer 45 --quick --modes fwd+bwd --providers mmkernels,peft
 bench decode_attention 45 --quick --modes fwd --providers mmkernels:cuda,mmkernels:triton,sdpa_two_pass
 bench paca 60 --quick --modes fwd+bwd \
     --providers mmkernels_paca_r16,mmkernels_paca_r8,mmkernels_qpaca_nf4,mmkernels_lora_r8,peft_lora_r8,peft_lora_r16,frozen
-bench train_step 90 --quick
+bench train_step 120 --quick
 bench qpaca_memory 100 --steps 3
 bench mom_adapter 45 --quick --modes fwd,bwd --providers mmkernels,eager
 bench phm_adapter 45 --quick --modes fwd,bwd --providers mmkernels,eager,kron_materialize

@@ -134,22 +134,36 @@ def _peak(cfg, device, dtype=torch.float32, config=None):
     return memory.step_peak(loss_module, _batch(cfg, spec, vision, device))
 
 
-@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "checkpointed"])
+@pytest.mark.parametrize("recompute", ["saved", "checkpointed", "attention"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_the_meta_step_peaks_where_the_real_step_peaks(case, recompute):
     """One training step's forward and backward allocate and free on the meta device what they do on real
     tensors: the same peak, split the same way. With checkpointed blocks the forward keeps less and the backward
-    (which recomputes a block) holds more."""
+    (which recomputes a block) holds more. Recomputing the attention's core keeps less; with LLaMA-Adapter's
+    frozen o_proj at least its output and log-sum-exps per layer less, and with V2's output-form scales the
+    scaled and rotated q, k and v too."""
     method, options, extra = CASES[case]
-    cfg = _cfg(method, options, extra, grad_checkpointing=recompute)
+    cfg = _cfg(method, options, extra, grad_checkpointing=recompute == "checkpointed",
+               recompute_attention=recompute == "attention")
     real, traced = _peak(cfg, "cpu"), _peak(cfg, "meta")
     assert traced == real
     assert real.total == real.activations + real.logits + real.backward
     saved = _saved(cfg, "meta")
-    if recompute:
+    full = _peak(_cfg(method, options, extra), "meta")
+    if recompute == "checkpointed":
         assert real.activations <= saved.kept and real.phase == "backward"
-        full = _peak(dataclasses.replace(cfg, grad_checkpointing=False), "meta")
         assert real.activations < full.activations and real.backward > full.backward
+    elif recompute == "attention":
+        assert real.activations < full.activations
+        if method != "llama_adapter":  # LoRA's, PaCA's, ... o_proj keeps the attention output as its input
+            return
+        config = LlamaConfig.tiny()
+        tokens, heads, kv_heads = cfg.batch_size * cfg.max_len, config.num_attention_heads, config.num_key_value_heads
+        out, lse = tokens * config.hidden_size * 4, tokens * heads * 4
+        freed = out + lse
+        if options.get("version", 2) == 2 and method == "llama_adapter" and "bias_scale_form" not in options:
+            freed = out + 2 * lse + tokens * (heads + 2 * kv_heads) * config.head_dim * 4  # q, k, v, both segments
+        assert full.activations - real.activations >= config.num_hidden_layers * freed
     else:  # the peak is in the backward, when the last blocks have freed some of what they saved
         assert saved.total / 2 < real.activations <= saved.total + _forward_outputs(cfg)
 
@@ -234,7 +248,7 @@ def test_estimate_takes_the_trace():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "checkpointed"])
+@pytest.mark.parametrize("recompute", ["saved", "checkpointed", "attention"])
 def test_the_traced_peak_is_the_gpu_peak(recompute):
     """On a GPU (the Triton kernels, bf16) one V2 step allocates at its peak what the meta trace says plus the
     parameters' gradients, within 3% and 1 MiB (the kernels' scratch, the allocator's 512-byte blocks):
@@ -243,7 +257,8 @@ def test_the_traced_peak_is_the_gpu_peak(recompute):
         pytest.skip("needs CUDA")
     config = dataclasses.replace(LlamaConfig.tiny(), vocab_size=8192, hidden_size=512, intermediate_size=1376,
                                  num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
-    cfg = _cfg("llama_adapter", {"version": 2}, {}, max_len=512, grad_checkpointing=recompute)
+    cfg = _cfg("llama_adapter", {"version": 2}, {}, max_len=512, grad_checkpointing=recompute == "checkpointed",
+               recompute_attention=recompute == "attention")
     loss_module, spec, vision = _loss_module(cfg, "cuda", torch.bfloat16, config)
     batch = _batch(cfg, spec, vision, "cuda")
     trainable = [p for p in loss_module.parameters() if p.requires_grad]

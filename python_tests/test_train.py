@@ -187,8 +187,9 @@ def _instructions(tmp_path):
 # -- gradient checkpointing ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["llama_adapter", "lavin", "hyperllava", "lora", "paca", "compacter"])
 def test_grad_checkpointing_changes_no_gradient(tmp_path, method):
-    """Recomputing every block in the backward, or only the first (checkpoint_blocks=1), gives the losses and
-    gradients of the run that saves the activations, for every method: LaVIN's routing weights and
+    """Recomputing every block in the backward, only the first (checkpoint_blocks=1), or every attention's core
+    (recompute_attention) gives the losses and gradients of the run that saves the activations, for every
+    method: LaVIN's routing weights and
     HyperLLaVA's guidance live outside the blocks' arguments and are restored around the recomputation
     (Llama.recompute_contexts). The multimodal methods train on the demo set (batches mixing image and
     text-only samples), the others on instructions."""
@@ -198,10 +199,13 @@ def test_grad_checkpointing_changes_no_gradient(tmp_path, method):
     if method not in ("llama_adapter", "lavin", "hyperllava"):
         kw.update(_instructions(tmp_path))
     runs = []
-    for i, recompute in enumerate([{}, dict(grad_checkpointing=True), dict(grad_checkpointing=True, checkpoint_blocks=1)]):
+    variants = [{}, dict(grad_checkpointing=True), dict(grad_checkpointing=True, checkpoint_blocks=1),
+                dict(recompute_attention=True)]
+    for i, recompute in enumerate(variants):
         run = trainer.Run.build(_cfg(tmp_path / str(i), **recompute, **kw))
-        assert run.model.gradient_checkpointing is bool(recompute)
+        assert run.model.gradient_checkpointing is recompute.get("grad_checkpointing", False)
         assert run.model.checkpoint_blocks == recompute.get("checkpoint_blocks")
+        assert run.model.recompute_attention is recompute.get("recompute_attention", False)
         losses = [run.train_step()["loss"] for _ in range(2)]
         runs.append((losses, {n: p.grad.clone() for n, p in run.params.items()}))
     (ref_losses, ref), *others = runs

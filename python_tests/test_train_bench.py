@@ -41,7 +41,8 @@ def test_smoke_on_cpu(tmp_path, monkeypatch, capsys):
     assert rc == 0, printed
     assert runner.NO_GPU_LINE in printed
     assert not out.exists(), "nothing may be written without a GPU"
-    for checked in ("v2[reference]", "v2[triton]", "v2_ckpt[reference]", "peft,", "v2 in PEFT's form",
+    for checked in ("v2[reference]", "v2[triton]", "v2_ckpt[reference]", "v2_attn[reference]", "peft,",
+                    "v2 in PEFT's form",
                     "against transformers (step 0) and PEFT AdaptionPrompt (every step)"):
         assert checked in printed, (checked, printed)
     for provider in bts.PROVIDERS:
@@ -134,7 +135,7 @@ def test_providers_train_v2_and_its_peft_equivalent():
     kv = s["H_kv"] * hid // s["H"]
     outs = 2 * hid + 2 * kv + 2 * inter + hid  # q, o, k, v, gate, up, down
     norms = (2 * layers + 1) * hid
-    for provider in ("mmkernels_v2", "mmkernels_v2_ckpt", "mmkernels_v2_ckpt3of4"):
+    for provider in ("mmkernels_v2", "mmkernels_v2_ckpt", "mmkernels_v2_ckpt3of4", "mmkernels_v2_attn"):
         case = bts.make_case(provider, s, torch.bfloat16, CPU)
         params = _trainable(case)
         assert case.trainable() == layers * (lp * hid + s["H"] + 2 * outs) + norms
@@ -143,6 +144,7 @@ def test_providers_train_v2_and_its_peft_equivalent():
         assert frozen == {torch.bfloat16}
         assert case.model.gradient_checkpointing == ("_ckpt" in provider)
         assert case.model.checkpoint_blocks == (3 * layers // 4 if provider.endswith("3of4") else None)
+        assert case.model.recompute_attention == provider.endswith("_attn")
         assert case.model.layers[0].self_attn.prompt.gate_fn == "tanh" and case.backend == "reference"
     peft = bts.make_case("peft_adaption_prompt", s, torch.bfloat16, CPU)
     params = _trainable(peft)

@@ -12,6 +12,8 @@ from typing import Callable, ContextManager, List, NamedTuple, Optional
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.utils import checkpoint as _checkpoint
 from torch.utils.checkpoint import checkpoint
 
 from mmkernels import ops
@@ -33,7 +35,13 @@ class PromptSegment(NamedTuple):
 class Attention(nn.Module):
     """Self-attention. `prompt`, when set (by a method such as LLaMA-Adapter), is a module called as
     prompt(attn, batch, dtype, visual_prompts, kv_cache, layer) -> PromptSegment: its segment is attended
-    in the same fused kernel as the tokens."""
+    in the same fused kernel as the tokens.
+
+    `recompute` (Llama.recompute_attention): in training, the attention's core, from the projections' outputs
+    to the attention output (the epilogues of output-form ScaleBiasLinear projections, rope, the attention), is
+    checkpointed: the backward recomputes it instead of keeping the rotated q and k, v and the output (and, with
+    V2's scales, the scaled q, k, v: only the GEMM outputs W x, which the scales' gradients need anyway, stay).
+    Gradients are bit-identical; the cost is the core's forward once more (its attention FLOPs)."""
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -43,9 +51,48 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.prompt: Optional[nn.Module] = None
+        self.recompute = False
+
+    def _projections(self):
+        return self.q_proj, self.k_proj, self.v_proj
+
+    def _split_epilogues(self) -> bool:
+        """Whether q, k and v are all output-form ScaleBiasLinear (V2): their epilogues go in the recomputed core."""
+        return all(isinstance(p, ScaleBiasLinear) and p.form == "output" for p in self._projections())
+
+    def _core(self, yq, yk, yv, cos, sin, pk, pv, gate, gate_fn, kv_start, segment_ids,
+              epilogues: Optional[torch.dtype]):
+        """The checkpointed part of a training forward: projection outputs to attention output (B, T, H, D);
+        epilogues: the dtype of the projections' outputs (x's) when yq, yk, yv are W x before their epilogues."""
+        if epilogues is not None:
+            yq, yk, yv = (p.epilogue(y, epilogues) for p, y in zip(self._projections(), (yq, yk, yv)))
+        bsz, seq = yq.shape[:2]
+        q = yq.view(bsz, seq, self.n_heads, self.head_dim)
+        k = yk.view(bsz, seq, self.n_kv_heads, self.head_dim)
+        v = yv.view(bsz, seq, self.n_kv_heads, self.head_dim)
+        q, k = ops.rope(q, k, cos, sin)
+        if pk is None:
+            return ops.attention(q, k, v, causal=True, kv_start=kv_start, segment_ids=segment_ids)
+        return ops.gated_prompt_attention(q, k, v, pk, pv, gate, causal=True, gate_fn=gate_fn, kv_start=kv_start,
+                                          segment_ids=segment_ids)
+
+    def _recomputed(self, x, cos, sin, layer, visual_prompts, kv_start, segment_ids):
+        bsz, seq, _ = x.shape
+        if self._split_epilogues():
+            ys, epilogues = [F.linear(x, p.weight) for p in self._projections()], x.dtype
+        else:
+            ys, epilogues = [p(x) for p in self._projections()], None
+        dtype = ys[0].dtype if epilogues is None else epilogues  # q's, as forward() has it
+        seg = None if self.prompt is None else self.prompt(self, bsz, dtype, visual_prompts, None, layer)
+        prompt = (None, None, None, None) if seg is None else (seg.k, seg.v, seg.gate, seg.gate_fn)
+        out = _checkpoint.checkpoint(self._core, *ys, cos, sin, *prompt, kv_start, segment_ids, epilogues,
+                                     use_reentrant=False)
+        return self.o_proj(out.reshape(bsz, seq, self.n_heads * self.head_dim))
 
     def forward(self, x, cos, sin, layer: int, kv_cache: Optional[KVCache], kv_start: Optional[torch.Tensor],
                 visual_prompts: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None):
+        if self.recompute and kv_cache is None and torch.is_grad_enabled():
+            return self._recomputed(x, cos, sin, layer, visual_prompts, kv_start, segment_ids)
         bsz, seq, _ = x.shape
         q = self.q_proj(x).view(bsz, seq, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(bsz, seq, self.n_kv_heads, self.head_dim)
@@ -195,6 +242,19 @@ class Llama(nn.Module):
             kv_cache.advance(seq)
         x = self.norm(x) if residual is None else self.norm(x, residual)[0]
         return x if hidden_only else self.lm_head(x).float()
+
+    @property
+    def recompute_attention(self) -> bool:
+        """Every Attention's recompute (also inside a method's wrapper, e.g. LaVIN's): the attention's core
+        recomputed in the backward (selective recomputation: the part of a block with the most saved bytes per
+        FLOP)."""
+        return any(m.recompute for m in self.modules() if isinstance(m, Attention))
+
+    @recompute_attention.setter
+    def recompute_attention(self, on: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.recompute = bool(on)
 
     def _checkpoint_contexts(self):
         """checkpoint's context_fn: nothing around the forward; the methods' saved state around the recompute."""

@@ -20,6 +20,8 @@ The frozen GEMM saves only W, which is a parameter.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -53,10 +55,18 @@ class ScaleBiasLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last dim {self.in_features}, got {tuple(x.shape)}")
         if self.form == "output":
-            return ops.scale_bias(F.linear(x, self.weight), self.scale, self._bias_total(), out_dtype=x.dtype)
+            return self.epilogue(F.linear(x, self.weight), x.dtype)
         y = F.linear(ops.scale_bias(x, self.scale), self.weight)  # x * s, saving x for the scale's gradient
         unit = torch.ones(self.out_features, dtype=torch.float32, device=y.device)  # frozen: nothing saved
         return ops.scale_bias(y, unit, self._bias_total(), out_dtype=x.dtype)
+
+    def epilogue(self, y: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Output form: (y + b0 + b) * s for y = W x (F.linear(x, layer.weight)), as out_dtype (forward's: x's;
+        default y's): forward(x) in two steps, so that a caller can keep y and recompute the rest
+        (models.llama.Attention.recompute)."""
+        if self.form != "output":
+            raise ValueError(f"epilogue: expected an output-form layer, got form={self.form!r}")
+        return ops.scale_bias(y, self.scale, self._bias_total(), out_dtype=out_dtype)
 
     @staticmethod
     def fused_swiglu(gate: "ScaleBiasLinear", up: "ScaleBiasLinear", x: torch.Tensor) -> torch.Tensor:

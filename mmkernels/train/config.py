@@ -74,6 +74,8 @@ class TrainConfig:
     grad_checkpointing: bool = _opt(False, "recompute each block's activations in the backward")
     checkpoint_blocks: Optional[int] = _opt(None, "with grad_checkpointing: recompute only the first N blocks, the "
                                             "others save their activations (default: every block)")
+    recompute_attention: bool = _opt(False, "recompute each attention's core in the backward (V2's q/k/v "
+                                     "epilogues, rope, the attention) instead of keeping q, k, v and its output")
     fused_loss: bool = _opt(True, "chunked fused lm_head + cross-entropy (never materialises all logits)")
     loss_chunk: Optional[int] = _opt(None, "tokens per chunk of the fused loss (default: chosen by the op)")
     # output

@@ -8,8 +8,9 @@ state, activations, logits and the backward's tensors, from the shapes alone (th
     activations  }  the peak of one training step's forward and backward, for one micro-batch of batch_size x
     logits       }  max_len tokens (images for every sample of a multimodal method with a vision tower), split by
     backward     }  where the bytes live then were allocated (step_peak): by the forward of the method's inputs
-                 and the model (activations: what autograd saved for the backward and still holds; with grad_checkpointing only
-                 the tensors outside the blocks and each block's inputs), by the loss (its tensors and
+                 and the model (activations: what autograd saved for the backward and still holds; with
+                 grad_checkpointing only the tensors outside the recomputed blocks and their inputs; with
+                 recompute_attention not the attention's q, k, v and output), by the loss (its tensors and
                  gradients; the fused loss's chunk of logits while its op runs; the unfused loss's float32
                  tokens x vocab tensors), by the model's backward (activation gradients, a recomputed block)
 The step is traced, not a formula: it runs on the meta device (shapes, no data), every storage an op allocates
@@ -428,8 +429,10 @@ def format_estimate(est: Dict[str, int], cfg: TrainConfig, processes: Optional[i
     processes, mode = layout(cfg, processes)
     where = "" if mode == "none" else f" on each of {processes} processes ({mode})"
     blocks = "" if cfg.checkpoint_blocks is None else f" (the first {cfg.checkpoint_blocks} blocks)"
+    attention = ", recompute_attention=True" if cfg.recompute_attention else ""
     lines = [f"expected peak memory of one training step{where} ({cfg.method}, micro-batch {cfg.batch_size} x "
-             f"{cfg.max_len} tokens, grad_checkpointing={cfg.grad_checkpointing}{blocks}, fused_loss={cfg.fused_loss}):"]
+             f"{cfg.max_len} tokens, grad_checkpointing={cfg.grad_checkpointing}{blocks}{attention}, "
+             f"fused_loss={cfg.fused_loss}):"]
     for key, value in est.items():
         if key != "gathered" or mode == "fsdp":
             lines.append(f"  {key:<12} {value / 2**20:>12,.1f} MiB")

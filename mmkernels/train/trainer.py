@@ -121,13 +121,15 @@ class LossModule(nn.Module):
 
 
 def set_checkpointing(model: Llama, cfg: TrainConfig) -> None:
-    """cfg's gradient checkpointing on the model: every block recomputed, or the first cfg.checkpoint_blocks."""
+    """cfg's gradient checkpointing on the model: every block recomputed, or the first cfg.checkpoint_blocks;
+    and cfg.recompute_attention."""
     blocks = len(model.layers)
     if cfg.checkpoint_blocks is not None and cfg.checkpoint_blocks > blocks:
         raise ValueError(f"checkpoint_blocks: expected at most the model's {blocks} blocks, got "
                          f"{cfg.checkpoint_blocks}")
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.checkpoint_blocks = cfg.checkpoint_blocks
+    model.recompute_attention = cfg.recompute_attention
 
 
 def master_weights(model: nn.Module) -> None:
