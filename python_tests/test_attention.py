@@ -61,8 +61,12 @@ def test_fp16_kv_gradients_accumulate_in_fp32(device):
     q = torch.randn(1, 64, 4, 16, generator=gen).repeat(1, 1, 2, 1)
     k, v = torch.randn(1, 16, 1, 16, generator=gen), torch.randn(1, 16, 1, 16, generator=gen)
     dout = torch.randn(1, 64, 4, 16, generator=gen)
-    dout = torch.cat((dout, -dout), 2)
+    _fp16_triton_within_reference(device, q, k, v, torch.cat((dout, -dout), 2), "cancelling heads")
 
+
+def _fp16_triton_within_reference(device, q, k, v, dout, what):
+    """Non-causal attention on triton in float16: output and gradients within the tolerance of the float16
+    reference against float64."""
     def run(backend, dtype):
         x = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
         with mmkernels.use_backend(backend):
@@ -71,7 +75,7 @@ def test_fp16_kv_gradients_accumulate_in_fp32(device):
 
     high, low, ours = run("reference", torch.float64), run("reference", torch.float16), run("triton", torch.float16)
     for name, a, lo, hi in zip(("out", "dq", "dk", "dv"), ours, low, high):
-        assert_close_to_reference(a, lo, hi, f"attention fp16 cancelling heads {name}")
+        assert_close_to_reference(a, lo, hi, f"attention fp16 {what} {name}")
 
 
 def test_fp16_dq_accumulates_in_fp32(device):
@@ -87,16 +91,7 @@ def test_fp16_dq_accumulates_in_fp32(device):
     v = torch.randn(1, 16, 1, 16, generator=gen)
     v = torch.cat((v, -v), 1)
     dout = 8 * torch.randn(1, 16, 1, 16, generator=gen)
-
-    def run(backend, dtype):
-        x = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
-        with mmkernels.use_backend(backend):
-            out = ops.attention(*x, causal=False)
-        return [out.detach(), *torch.autograd.grad(out, x, dout.to(device, dtype))]
-
-    high, low, ours = run("reference", torch.float64), run("reference", torch.float16), run("triton", torch.float16)
-    for name, a, lo, hi in zip(("out", "dq", "dk", "dv"), ours, low, high):
-        assert_close_to_reference(a, lo, hi, f"attention fp16 mirrored key tiles {name}")
+    _fp16_triton_within_reference(device, q, k, v, dout, "mirrored key tiles")
 
 
 def test_rows_seeing_no_key_are_zero_with_zero_gradient(device):
