@@ -203,3 +203,26 @@ def test_save_load_merge_and_training(tmp_path):
         from mmkernels.methods import llama_adapter
 
         llama_adapter.load_adapter(tiny_model(), str(tmp_path))
+
+
+def test_dropout_path_on_a_16_bit_base_with_float32_masters():
+    """The trainer's bf16 base holds float32 A and B (master weights): the dropout path runs them in x's dtype
+    as the fused path does, and the gradients reach the float32 masters."""
+    from mmkernels.train.trainer import master_weights
+
+    base = torch.nn.Linear(40, 24).to(torch.bfloat16)
+    layer = LoRALinear(base, rank=4, alpha=8.0, dropout=0.25)
+    master_weights(layer)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 5, 40, dtype=torch.bfloat16)
+    torch.manual_seed(7)
+    y = layer(x)
+    torch.manual_seed(7)
+    dropped = torch.nn.functional.dropout(x, 0.25, True)
+    a, b = layer.lora_A.to(x.dtype), layer.lora_B.to(x.dtype)
+    expected = torch.nn.functional.linear(x, base.weight, base.bias) + 2.0 * ((dropped @ a.t()) @ b.t())
+    assert y.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad.abs().sum() > 0

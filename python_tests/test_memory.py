@@ -195,6 +195,44 @@ def test_checkpointing_the_first_blocks(case, monkeypatch):
         memory.estimate(dataclasses.replace(steps[1], checkpoint_blocks=3))
 
 
+@pytest.mark.parametrize("case", ["llama_adapter_v2_images", "lavin_images"])
+def test_a_block_recomputed_whole_does_not_recompute_its_attention_again(case, monkeypatch):
+    """recompute_attention checkpoints the attention's core in the blocks that gradient checkpointing does not
+    recompute whole: the core runs twice there (forward, backward) and not at all in the others, whose whole
+    recomputation already keeps nothing inside (a second checkpoint would run the attention a third time)."""
+    from mmkernels.models import llama
+
+    calls = []
+    core = llama.Attention._core
+
+    def counted(self, *args):
+        calls.append(torch.is_grad_enabled())
+        return core(self, *args)
+
+    monkeypatch.setattr(llama.Attention, "_core", counted)
+    method, options, extra = CASES[case]
+    layers = LlamaConfig.tiny().num_hidden_layers
+    for blocks, expected in ((None, 0), (1, 2 * (layers - 1)), (0, 2 * layers)):
+        calls.clear()
+        cfg = _cfg(method, options, extra, grad_checkpointing=True, checkpoint_blocks=blocks, recompute_attention=True)
+        _peak(cfg, "meta")
+        assert len(calls) == expected, (blocks, calls)
+
+
+def test_trace_step_puts_the_gradients_back():
+    """A traced step starts without gradients, as the trainer's after zero_grad(set_to_none=True); gradients
+    the parameters held before are theirs again after, and the step's own are not left behind."""
+    layer = torch.nn.Linear(8, 4)
+    before = torch.ones(4, 8)
+    layer.weight.grad = before
+    x = torch.randn(3, 8)
+    peak = memory.trace_step(lambda: layer(x).square().sum(), layer, [x])
+    assert layer.weight.grad is before and layer.bias.grad is None
+    other = torch.nn.Linear(8, 4)
+    assert peak == memory.trace_step(lambda: other(x).square().sum(), other, [x])  # no accumulation into `before`
+
+
+
 def _forward_outputs(cfg):
     """Bytes of the tensors the forward returns or the loss module still holds (hidden states in float32)."""
     config = LlamaConfig.tiny()

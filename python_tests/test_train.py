@@ -185,22 +185,26 @@ def _instructions(tmp_path):
 
 
 # -- gradient checkpointing ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["llama_adapter", "lavin", "hyperllava", "lora", "paca", "compacter"])
+@pytest.mark.parametrize("method", ["llama_adapter", "llama_adapter_v2", "lavin", "hyperllava", "lora", "paca",
+                                    "compacter"])
 def test_grad_checkpointing_changes_no_gradient(tmp_path, method):
-    """Recomputing every block in the backward, only the first (checkpoint_blocks=1), or every attention's core
-    (recompute_attention) gives the losses and gradients of the run that saves the activations, for every
-    method: LaVIN's routing weights and
+    """Recomputing every block in the backward, only the first (checkpoint_blocks=1), every attention's core
+    (recompute_attention), or the first block whole and the other's attention gives the losses and gradients of
+    the run that saves the activations, for every method (LLaMA-Adapter V1 and V2): LaVIN's routing weights and
     HyperLLaVA's guidance live outside the blocks' arguments and are restored around the recomputation
     (Llama.recompute_contexts). The multimodal methods train on the demo set (batches mixing image and
     text-only samples), the others on instructions."""
-    kw = dict(max_grad_norm=0.0, method=method)
-    if method == "llama_adapter":
-        kw["method_options"] = {"gate_init": 0.5}
-    if method not in ("llama_adapter", "lavin", "hyperllava"):
+    kw = dict(max_grad_norm=0.0, method=method.removesuffix("_v2"))
+    if method == "llama_adapter":  # V1, text only
+        kw["method_options"] = {"gate_init": 0.5, "version": 1}
+    elif method == "llama_adapter_v2":  # with images; its scales' epilogues inside the recomputed attention core
+        kw["method_options"] = {"gate_init": 0.5, "version": 2}
+    if method not in ("llama_adapter_v2", "lavin", "hyperllava"):
         kw.update(_instructions(tmp_path))
     runs = []
     variants = [{}, dict(grad_checkpointing=True), dict(grad_checkpointing=True, checkpoint_blocks=1),
-                dict(recompute_attention=True)]
+                dict(recompute_attention=True),
+                dict(grad_checkpointing=True, checkpoint_blocks=1, recompute_attention=True)]
     for i, recompute in enumerate(variants):
         run = trainer.Run.build(_cfg(tmp_path / str(i), **recompute, **kw))
         assert run.model.gradient_checkpointing is recompute.get("grad_checkpointing", False)

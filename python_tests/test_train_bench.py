@@ -63,6 +63,8 @@ def test_traced_peak_is_the_trace_of_the_providers_step():
         held = sum(t.nbytes for t in [*case.model.parameters(), *case.model.buffers()])
         trainable = sum(p.nbytes for p in case.model.parameters() if p.requires_grad)
         assert bts.traced_peak_bytes(provider, shape, torch.float32) == held + 3 * trainable + peak.total, provider
+    forced = bts.traced_peak_bytes("mmkernels_v2:triton", shape, torch.float32)  # on a GPU: the row's trace
+    assert forced == bts.traced_peak_bytes("mmkernels_v2", shape, torch.float32)
     v2, part, ckpt = (bts.traced_peak_bytes(p, shape, torch.float32)
                       for p in ("mmkernels_v2", "mmkernels_v2_ckpt3of4", "mmkernels_v2_ckpt"))
     assert ckpt < v2 and part not in (ckpt, v2)  # at this size the partial one's peak need not lie between

@@ -8,6 +8,7 @@ the residual add fused into it: the residual stream h is carried from one norm t
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Callable, ContextManager, List, NamedTuple, Optional
 
 import torch
@@ -32,6 +33,19 @@ class PromptSegment(NamedTuple):
     gate_fn: str
 
 
+_checkpointing = threading.local()  # .block: inside a block that gradient checkpointing recomputes whole
+
+
+@contextlib.contextmanager
+def _whole_block_recomputed():
+    before = getattr(_checkpointing, "block", False)
+    _checkpointing.block = True
+    try:
+        yield
+    finally:
+        _checkpointing.block = before
+
+
 class Attention(nn.Module):
     """Self-attention. `prompt`, when set (by a method such as LLaMA-Adapter), is a module called as
     prompt(attn, batch, dtype, visual_prompts, kv_cache, layer) -> PromptSegment: its segment is attended
@@ -41,7 +55,9 @@ class Attention(nn.Module):
     to the attention output (the epilogues of output-form ScaleBiasLinear projections, rope, the attention), is
     checkpointed: the backward recomputes it instead of keeping the rotated q and k, v and the output (and, with
     V2's scales, the scaled q, k, v: only the GEMM outputs W x, which the scales' gradients need anyway, stay).
-    Gradients are bit-identical; the cost is the core's forward once more (its attention FLOPs)."""
+    Gradients are bit-identical; the cost is the core's forward once more (its attention FLOPs). Not in a block
+    that gradient checkpointing recomputes whole (Llama.checkpoint_blocks): that block keeps nothing inside, and
+    a second checkpoint would run the attention a third time."""
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -91,7 +107,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, layer: int, kv_cache: Optional[KVCache], kv_start: Optional[torch.Tensor],
                 visual_prompts: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None):
-        if self.recompute and kv_cache is None and torch.is_grad_enabled():
+        if self.recompute and kv_cache is None and torch.is_grad_enabled() and not getattr(_checkpointing, "block",
+                                                                                          False):
             return self._recomputed(x, cos, sin, layer, visual_prompts, kv_start, segment_ids)
         bsz, seq, _ = x.shape
         q = self.q_proj(x).view(bsz, seq, self.n_heads, self.head_dim)
@@ -257,7 +274,8 @@ class Llama(nn.Module):
                 m.recompute = bool(on)
 
     def _checkpoint_contexts(self):
-        """checkpoint's context_fn: nothing around the forward; the methods' saved state around the recompute."""
+        """checkpoint's context_fn: around the forward, the mark of a block recomputed whole (its attention is not
+        checkpointed again); around the recompute, the mark and the methods' saved state."""
         restores = [make(self) for make in self.recompute_contexts]
 
         @contextlib.contextmanager
@@ -265,9 +283,10 @@ class Llama(nn.Module):
             with contextlib.ExitStack() as stack:
                 for ctx in restores:
                     stack.enter_context(ctx)
+                stack.enter_context(_whole_block_recomputed())
                 yield
 
-        return contextlib.nullcontext(), recompute()
+        return _whole_block_recomputed(), recompute()
 
     def _apply(self, fn, recurse=True):
         # .to(device) / .cuda() move the rotary frequencies too; dtype casts leave them in float32.

@@ -50,12 +50,12 @@ class LoRALinear(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 masters on a 16-bit base: the low-rank path runs in x's dtype, the gradients reach the masters.
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         if self.dropout and self.training:
             y = F.linear(x, self.weight, self.bias)
-            low = F.linear(F.linear(F.dropout(x, self.dropout, True), self.lora_A), self.lora_B)
+            low = F.linear(F.linear(F.dropout(x, self.dropout, True), a), b)
             return y + self.scaling * low
-        # float32 masters under 16-bit autocast: the low-rank path runs in x's dtype, the gradients reach the masters.
-        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         return ops.lora_linear(x, self.weight, a, b, self.scaling, self.bias)
 
     @torch.no_grad()

@@ -73,8 +73,9 @@ def _dtype(cfg: TrainConfig) -> torch.dtype:
 class SavedActivations(NamedTuple):
     """Bytes autograd saves in one forward (each storage once, parameters and buffers left out): `total`,
     `outside` the blocks (embeddings, visual path, final norm, loss), each block's own (`per_block`, the
-    tensors saved while it runs) and, for gradient checkpointing, `kept`: what stays when the blocks are
-    recomputed (`outside` and every block's tensor inputs)."""
+    tensors saved while it runs) and, for gradient checkpointing, `kept`: what stays when every block is
+    recomputed (`outside` and every block's tensor inputs). The forward runs without recomputation whatever the
+    model is set to (its gradient_checkpointing, checkpoint_blocks, recompute_attention): step_peak traces those."""
 
     total: int
     outside: int
@@ -92,7 +93,8 @@ def _flash_sdpa_on_meta() -> Iterator[None]:
     original = F.scaled_dot_product_attention
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if query.device.type == "meta" and dropout_p == 0.0:  # the CPU flash op takes fewer kv heads as they are
+        # the CPU flash op takes fewer kv heads as they are (with enable_gqa; without it a real call refuses them)
+        if query.device.type == "meta" and dropout_p == 0.0 and (enable_gqa or key.shape[-3] == query.shape[-3]):
             return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 query, key, value, 0.0, is_causal, attn_mask=attn_mask, scale=scale)[0]
         return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
@@ -147,13 +149,13 @@ def saved_activations(loss_module: nn.Module, batch) -> SavedActivations:
     handles = []
     for i, block in enumerate(model.layers):
         handles += [block.register_forward_pre_hook(enter(i)), block.register_forward_hook(leave)]
-    recompute = model.gradient_checkpointing
-    model.gradient_checkpointing = False  # the same graph, every block's saved tensors seen
+    recompute, attention = model.gradient_checkpointing, model.recompute_attention
+    model.gradient_checkpointing = model.recompute_attention = False  # every block's saved tensors seen
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _flash_sdpa_on_meta():
             loss_module(batch)
     finally:
-        model.gradient_checkpointing = recompute
+        model.gradient_checkpointing, model.recompute_attention = recompute, attention
         for h in handles:
             h.remove()
 
@@ -181,12 +183,9 @@ class StepPeak(NamedTuple):
     phase: str
 
 
-def _loss_chunk_logits(args) -> int:
+def _loss_chunk_logits(x: torch.Tensor, weight: torch.Tensor, chunk: int) -> int:
     """The fused loss's one chunk of logits (x's dtype, reused by every chunk), which its op allocates inside
-    and frees before it returns; args: linear_cross_entropy_fwd's or _rows_bwd's (x, weight, ..., chunk_size,
-    ...)."""
-    x, weight = args[0], args[1]
-    chunk = next(a for a in args[5:] if isinstance(a, int) and not isinstance(a, bool))
+    and frees before it returns."""
     return min(chunk, x.shape[0]) * weight.shape[0] * x.element_size()
 
 
@@ -196,8 +195,10 @@ def _workspaces() -> Dict[object, Callable[[tuple], int]]:
 
     importlib.import_module("mmkernels.ops.linear_cross_entropy")  # registers the ops
     lce = torch.ops.mmkernels
-    return {lce.linear_cross_entropy_fwd.default: lambda a: _loss_chunk_logits(a),
-            lce.linear_cross_entropy_rows_bwd.default: lambda a: _loss_chunk_logits(a[1:])}
+    # linear_cross_entropy_fwd(x, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_size, ...)
+    # linear_cross_entropy_rows_bwd(dloss, x, weight, target, bias, ignore_index, label_smoothing, chunk_size, ...)
+    return {lce.linear_cross_entropy_fwd.default: lambda a: _loss_chunk_logits(a[0], a[1], a[7]),
+            lce.linear_cross_entropy_rows_bwd.default: lambda a: _loss_chunk_logits(a[1], a[2], a[7])}
 
 
 class _Timeline(TorchDispatchMode):
@@ -268,8 +269,12 @@ def trace_step(step: Callable[[], torch.Tensor], module: nn.Module, known: Itera
     parameters. known: other tensors alive before the step (its inputs), left out with the parameters, the
     buffers and the parameters' gradients. model: the module whose output is the hidden states the loss reads
     (its forward hook starts the "loss" phase, the gradient of its output the "backward" phase); without it
-    every byte counts as activations. The parameters' gradients are set back to None after."""
+    every byte counts as activations. Gradients the parameters hold are put aside for the trace (which traces a
+    step after zero_grad(set_to_none=True), as the trainer runs it) and put back after."""
     params = list(module.parameters())
+    held = [p.grad for p in params]
+    for p in params:
+        p.grad = None
     timeline = _Timeline([*params, *module.buffers(), *known])
 
     def model_done(_module, _args, hidden):
@@ -285,8 +290,8 @@ def trace_step(step: Callable[[], torch.Tensor], module: nn.Module, known: Itera
     finally:
         if handle is not None:
             handle.remove()
-        for p in params:
-            p.grad = None
+        for p, grad in zip(params, held):
+            p.grad = grad
     return _peak(timeline.events, grads - {None})
 
 
