@@ -57,10 +57,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.processes is not None and not args.estimate:
         raise ValueError(f"--processes: only with --estimate (a run has the processes torchrun starts), got "
                          f"--processes {args.processes} without it")
+    if args.fit is not None and not args.estimate:
+        raise ValueError(f"--fit: only with --estimate, got --fit {args.fit} without it")
     if args.estimate:
         from mmkernels.train import memory
 
         print(memory.format_estimate(memory.estimate(cfg, args.processes), cfg, args.processes))
+        if args.fit is not None:
+            budget = memory.parse_size(args.fit, "--fit")
+            print(memory.format_fit(memory.fit(cfg, budget, args.processes), budget))
         return 0
     run = trainer.Run.build(cfg)
     run.train()

@@ -233,6 +233,45 @@ def test_trace_step_puts_the_gradients_back():
 
 
 
+def test_fit_finds_the_fewest_blocks_to_recompute(capsys):
+    """--estimate --fit SIZE: per recompute_attention, the fewest blocks recomputed whole whose estimate fits
+    (every smaller count does not; on the tiny model the peak does not fall with every block, so the search
+    cannot bisect), or none."""
+    from mmkernels.cli import main
+
+    cfg = _cfg("llama_adapter", {}, MULTIMODAL)
+    layers = LlamaConfig.tiny().num_hidden_layers
+    totals = {(n, a): memory.estimate(memory.with_recompute(cfg, n, layers, a))["total"]
+              for n in range(layers + 1) for a in (False, True)}
+    budget = min(totals.values()) + 1
+    found = memory.fit(cfg, budget)
+    for attention, hit in found.items():
+        fits = [n for n in range(layers + 1) if totals[n, attention] <= budget]
+        if not fits:
+            assert hit is None
+            continue
+        n, variant, est = hit
+        assert n == fits[0] and est["total"] == totals[n, attention] and variant.recompute_attention == attention
+        assert (variant.grad_checkpointing, variant.checkpoint_blocks) == (n > 0, None if n in (0, layers) else n)
+    assert any(hit is not None for hit in found.values())
+    assert memory.fit(cfg, 1) == {False: None, True: None}
+    assert main(["train", "--estimate", "--vision", "tiny", "--fit", "1MiB"]) == 0
+    assert "does not fit with any number of blocks recomputed" in capsys.readouterr().out
+
+
+def test_sizes_and_fit_errors():
+    assert memory.parse_size("24GiB") == memory.parse_size("24") == memory.parse_size("24 g") == 24 * 2**30
+    assert memory.parse_size("1.5GB") == 1_500_000_000 and memory.parse_size("20000MiB") == 20000 * 2**20
+    for bad in ("", "0", "-3GiB", "24TB", "GiB", "2e3"):
+        expected = f"--fit: expected a positive size such as 24GiB, 24GB or 20000MiB, got {bad!r}"
+        with pytest.raises(ValueError, match=expected):
+            memory.parse_size(bad, "--fit")
+    from mmkernels.cli import main
+
+    with pytest.raises(ValueError, match="--fit: only with --estimate, got --fit 24GiB without it"):
+        main(["train", "--fit", "24GiB"])
+
+
 def _forward_outputs(cfg):
     """Bytes of the tensors the forward returns or the loss module still holds (hidden states in float32)."""
     config = LlamaConfig.tiny()

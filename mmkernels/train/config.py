@@ -186,6 +186,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--estimate", action="store_true",
                    help="print the expected peak memory split (weights, gradients, optimizer, activations, logits, "
                         "backward) and exit")
+    p.add_argument("--fit", default=None, metavar="SIZE",
+                   help="with --estimate: the fewest blocks to recompute (--grad-checkpointing --checkpoint-blocks N), "
+                        "without and with --recompute-attention, for the step to fit SIZE (e.g. 24GiB, 20000MiB)")
     p.add_argument("--processes", type=int, default=None,
                    help="with --estimate: the run's number of processes, for one process's share under ddp or fsdp "
                         "(default: WORLD_SIZE as torchrun sets it, else 1)")

@@ -51,6 +51,7 @@ FSDP2 run on two processes.
 from __future__ import annotations
 
 import contextlib
+import re
 import weakref
 from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
@@ -441,4 +442,69 @@ def format_estimate(est: Dict[str, int], cfg: TrainConfig, processes: Optional[i
     for key, value in est.items():
         if key != "gathered" or mode == "fsdp":
             lines.append(f"  {key:<12} {value / 2**20:>12,.1f} MiB")
+    return "\n".join(lines)
+
+
+_UNITS = {"": 2**30, "gib": 2**30, "g": 2**30, "gb": 10**9, "mib": 2**20, "m": 2**20, "mb": 10**6}
+
+
+def parse_size(text: str, name: str = "size") -> int:
+    """'24GiB', '24G', '24 GB', '20000MiB', '20000MB' or a bare number of GiB -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise ValueError(f"{name}: expected a positive size such as 24GiB, 24GB or 20000MiB, got {text!r}")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def with_recompute(cfg: TrainConfig, blocks: int, layers: int, attention: bool) -> TrainConfig:
+    """cfg recomputing its first `blocks` of `layers` blocks whole (0: none) and, when attention, the other
+    blocks' attention cores."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, grad_checkpointing=blocks > 0,
+                               checkpoint_blocks=None if blocks in (0, layers) else blocks,
+                               recompute_attention=attention)
+
+
+def fit(cfg: TrainConfig, budget: int, processes: Optional[int] = None
+        ) -> Dict[bool, Optional[Tuple[int, TrainConfig, Dict[str, int]]]]:
+    """Per recompute_attention (False, True): (N, config, estimate) with the fewest blocks N recomputed whole
+    (the first N) whose estimated total fits `budget` bytes, or None when none does. Every N from 0 up is
+    traced until one fits (the peak need not fall with every block: on a small model a recomputed block's
+    transient tensors can outweigh what it stops saving), so this costs up to 2 x (layers + 1) traces."""
+    config = LlamaConfig.tiny() if cfg.model is None else LlamaConfig.from_json(cfg.model)
+    layers = config.num_hidden_layers
+    out: Dict[bool, Optional[Tuple[int, TrainConfig, Dict[str, int]]]] = {}
+    for attention in (False, True):
+        out[attention] = None
+        for n in range(layers + 1):
+            variant = with_recompute(cfg, n, layers, attention)
+            est = estimate(variant, processes)
+            if est["total"] <= budget:
+                out[attention] = (n, variant, est)
+                break
+    return out
+
+
+def _recompute_flags(cfg: TrainConfig) -> str:
+    flags = []
+    if cfg.grad_checkpointing:
+        flags.append("--grad-checkpointing")
+        if cfg.checkpoint_blocks is not None:
+            flags.append(f"--checkpoint-blocks {cfg.checkpoint_blocks}")
+    if cfg.recompute_attention:
+        flags.append("--recompute-attention")
+    return " ".join(flags) or "(no recomputation)"
+
+
+def format_fit(found: Dict[bool, Optional[Tuple[int, TrainConfig, Dict[str, int]]]], budget: int) -> str:
+    lines = [f"to fit {budget / 2**30:,.2f} GiB (the fewest blocks recomputed whole):"]
+    for attention, hit in found.items():
+        if hit is None:
+            lines.append(f"  {'with' if attention else 'without'} --recompute-attention: does not fit with any "
+                         f"number of blocks recomputed")
+        else:
+            _, variant, est = hit
+            lines.append(f"  {_recompute_flags(variant):<64} {est['total'] / 2**30:>8,.2f} GiB")
     return "\n".join(lines)
