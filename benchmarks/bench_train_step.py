@@ -15,8 +15,8 @@ layers (an estimate, not a measured row). Every provider starts from the same se
 
 Each case also prints its peak as traced on the meta device (traced_peak_bytes: the step's allocations and
 frees, as `mmkernels train --estimate` traces a run, plus weights, gradients and AdamW's moments), beside the
-measured one; the CPU smoke prints the traced peaks of the three providers at 32 layers and their ratios to
-PEFT's (estimates, printed, never written as rows).
+measured one; the CPU smoke prints every provider's traced peak at 32 layers and its ratio to PEFT's
+(estimates, printed, never written as rows).
 
 Target (a goal, bf16; only a GPU run's rows can show whether it is met): at the target shape mmkernels_v2
 reaches >= 1.5x the tokens/s of peft_adaption_prompt with <= 0.7x its peak memory.

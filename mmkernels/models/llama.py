@@ -14,7 +14,7 @@ from typing import Callable, ContextManager, List, NamedTuple, Optional
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils import checkpoint as _checkpoint
+from torch.utils import checkpoint as _checkpoint  # the attention core's (not patched with the blocks' below)
 from torch.utils.checkpoint import checkpoint
 
 from mmkernels import ops
@@ -33,12 +33,16 @@ class PromptSegment(NamedTuple):
     gate_fn: str
 
 
-_checkpointing = threading.local()  # .block: inside a block that gradient checkpointing recomputes whole
+class _Checkpointing(threading.local):
+    block = False  # inside a block that gradient checkpointing recomputes whole (forward or recompute)
+
+
+_checkpointing = _Checkpointing()
 
 
 @contextlib.contextmanager
 def _whole_block_recomputed():
-    before = getattr(_checkpointing, "block", False)
+    before = _checkpointing.block
     _checkpointing.block = True
     try:
         yield
@@ -107,8 +111,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, layer: int, kv_cache: Optional[KVCache], kv_start: Optional[torch.Tensor],
                 visual_prompts: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None):
-        if self.recompute and kv_cache is None and torch.is_grad_enabled() and not getattr(_checkpointing, "block",
-                                                                                          False):
+        if self.recompute and kv_cache is None and torch.is_grad_enabled() and not _checkpointing.block:
             return self._recomputed(x, cos, sin, layer, visual_prompts, kv_start, segment_ids)
         bsz, seq, _ = x.shape
         q = self.q_proj(x).view(bsz, seq, self.n_heads, self.head_dim)

@@ -51,6 +51,7 @@ FSDP2 run on two processes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import weakref
 from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
@@ -240,8 +241,8 @@ class _Timeline(TorchDispatchMode):
                 self._note(t)
         scratch = self.workspaces.get(func)
         if scratch is not None:
-            serial = len(self.events)
-            self.events += [(serial, scratch(args), self.phase), (serial, -scratch(args), self.phase)]
+            serial, size = len(self.events), scratch(args)
+            self.events += [(serial, size, self.phase), (serial, -size, self.phase)]
         return out
 
     def serial(self, t: torch.Tensor) -> Optional[int]:
@@ -460,8 +461,6 @@ def parse_size(text: str, name: str = "size") -> int:
 def with_recompute(cfg: TrainConfig, blocks: int, layers: int, attention: bool) -> TrainConfig:
     """cfg recomputing its first `blocks` of `layers` blocks whole (0: none) and, when attention, the other
     blocks' attention cores."""
-    import dataclasses
-
     return dataclasses.replace(cfg, grad_checkpointing=blocks > 0,
                                checkpoint_blocks=None if blocks in (0, layers) else blocks,
                                recompute_attention=attention)
